@@ -1,0 +1,147 @@
+"""Adapter files: ``adapter.safetensors`` (the banks) and ``adapter.json`` (blocks, scales, layer config).
+
+Layout of ``adapter.json``::
+
+    {"format": "mora_dist.adapter", "version": 1,
+     "mora": {...MoRAConfig...},
+     "blocks": [{"name": "task0", "scale": 2.0}, ...],        # in creation order
+     "layers": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576,
+                                                    "block_sizes": [8, 6]}, ...},
+     "active_block": false,                                   # true only in mid-task checkpoints
+     "base_model": {"model_type": "llama", "name_or_path": "..."}}
+
+Both files are written to a temporary folder and moved into place, so a crash never leaves half an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mora_dist.mora.config import MoRAConfig
+from mora_dist.mora.model import adapter_state_dict, inject_mora, mora_layers
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter.json"
+FORMAT = "mora_dist.adapter"
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model or is malformed."""
+
+
+def describe_adapter(model: nn.Module) -> dict:
+    """The JSON description of the model's MoRA banks."""
+    layers = mora_layers(model)
+    first = next(iter(layers.values()))
+    config = getattr(model, "mora_config", MoRAConfig())
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "mora": config.to_dict(),
+        "blocks": [{"name": n, "scale": s} for n, s in zip(first.block_names, first.block_scales)],
+        "layers": {name: {"in_features": l.in_features, "out_features": l.out_features,
+                          "block_sizes": list(l.block_sizes)} for name, l in layers.items()},
+        "active_block": first.has_active_block,
+        "base_model": {"model_type": getattr(getattr(model, "config", None), "model_type", None),
+                       "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)},
+    }
+
+
+def write_adapter(state: dict[str, torch.Tensor], description: dict, directory: str | os.PathLike) -> Path:
+    """Write tensors and description atomically into ``directory`` (replaced if it exists)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": FORMAT})
+        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2))
+        for f in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save the model's MoRA banks (one process; under ZeRO-3 use the engine's gathered save)."""
+    return write_adapter(adapter_state_dict(model), describe_adapter(model), directory)
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and description of an adapter folder, checked for consistency."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{directory}: not an adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        description = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{cfg_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if description.get("format") != FORMAT:
+        raise AdapterError(f"{cfg_path}: field 'format' must be {FORMAT!r}")
+    return load_file(str(w_path)), description
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last: bool | None = None) -> nn.Module:
+    """Inject MoRA into a fresh base ``model`` (if needed) and load an adapter onto it, in place.
+
+    Args:
+        model: the base model the adapter was trained on (same architecture and shapes).
+        directory: an adapter folder written by ``save_adapter``.
+        trainable_last: keep the last block trainable (resume a mid-task checkpoint). Default: as saved.
+
+    Raises:
+        AdapterError: the adapter does not fit the model (names the layer, the expected and found shapes).
+    """
+    state, desc = read_adapter(directory)
+    config = MoRAConfig.from_dict(desc["mora"])
+    if not mora_layers(model):
+        inject_mora(model, config)
+    layers = mora_layers(model)
+    missing = sorted(set(desc["layers"]) - set(layers))
+    if missing:
+        raise AdapterError(f"{directory}: adapter layers not in this model: {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}; was it trained on another architecture?")
+    active = desc.get("active_block", False) if trainable_last is None else trainable_last
+    names = [b["name"] for b in desc["blocks"]]
+    scales = [float(b["scale"]) for b in desc["blocks"]]
+    for name, layer in layers.items():
+        info = desc["layers"].get(name)
+        if info is None:
+            raise AdapterError(f"{directory}: the adapter has no entry for layer {name}")
+        if (info["in_features"], info["out_features"]) != (layer.in_features, layer.out_features):
+            raise AdapterError(
+                f"{directory}: layer {name} has shape in={layer.in_features}, out={layer.out_features} in this "
+                f"model but in={info['in_features']}, out={info['out_features']} in the adapter; load it onto "
+                "the base model it was trained on")
+        sizes = info["block_sizes"]
+        if sum(sizes):
+            A, B = state[f"{name}.A"], state[f"{name}.B"]
+        else:
+            A = torch.zeros(0, layer.in_features)
+            B = torch.zeros(layer.out_features, 0)
+        ref = layer.base_layer.weight
+        try:
+            layer.set_bank(A.to(ref.dtype), B.to(ref.dtype), names, sizes, scales, active_last=active)
+        except ValueError as err:
+            raise AdapterError(f"{directory}: layer {name}: {err}") from err
+        layer.set_gate(**config.gate_settings())
+    model.mora_config = config
+    return model

@@ -1,0 +1,102 @@
+"""Settings of the MoRA layer and of its injection into a model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+# Default target modules per architecture (``config.model_type``): the attention projections; MLP projections
+# are added when ``MoRAConfig.include_mlp`` is set.
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    arch: (ATTENTION_TARGETS, MLP_TARGETS)
+    for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+                 "phi3", "olmo", "olmo2", "granite")
+}
+
+DELTA_MODES = ("inference", "always")
+
+
+class MoRAConfigError(ValueError):
+    """A MoRA setting outside its valid range."""
+
+
+@dataclass
+class MoRAConfig:
+    """How each adapted linear layer gates its bank of rank-1 experts (DESIGN §1; defaults are the paper's).
+
+    Attributes:
+        r_task: experts added per task (one block); paper: 8.
+        k: activation budget, the number of experts kept per token (``min(k, R)``); paper: 8.
+        tau: softmax temperature over the kept scores; paper: 0.03.
+        delta: threshold on the normalised score; kept experts with ``s_i < delta`` get weight 0 (no
+            renormalisation). ``None`` disables it; paper: 0.2 at inference.
+        delta_mode: when ``delta`` applies: ``"inference"`` (eval mode only, the paper's choice) or ``"always"``.
+        alpha: LoRA alpha; a block's scale is ``alpha / r_task``, fixed at its creation. ``None`` means
+            ``2 * r_task`` (the paper's choice).
+        dropout: dropout on the layer input before the keys (train mode only); paper: 0.1.
+        gated: ``False`` turns the gate off (``w == 1``): the layer is a plain LoRA of rank R (baselines).
+        target_modules: module names to adapt (last name component); empty means the architecture's default.
+        include_mlp: also adapt the MLP projections when ``target_modules`` is empty.
+        eps: floor of the score norm.
+        gate_dtype: dtype of the gate arithmetic for half-precision inputs (``float32`` keeps the softmax with a
+            small temperature accurate in bf16).
+    """
+
+    r_task: int = 8
+    k: int = 8
+    tau: float = 0.03
+    delta: float | None = 0.2
+    delta_mode: str = "inference"
+    alpha: float | None = None
+    dropout: float = 0.1
+    gated: bool = True
+    target_modules: list[str] = field(default_factory=list)
+    include_mlp: bool = False
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``MoRAConfigError`` naming the setting and its valid range."""
+        if not isinstance(self.r_task, int) or self.r_task < 1:
+            raise MoRAConfigError(f"mora.r_task={self.r_task!r} is invalid: experts per task must be an integer >= 1")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise MoRAConfigError(f"mora.k={self.k!r} is invalid: the activation budget must be an integer >= 1")
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
+            raise MoRAConfigError(f"mora.tau={self.tau!r} is invalid: the temperature must be a finite number > 0")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and -1.0 <= self.delta <= 1.0):
+            raise MoRAConfigError(
+                f"mora.delta={self.delta!r} is invalid: the threshold on a normalised score must be in [-1, 1] "
+                "or null to disable it")
+        if self.delta_mode not in DELTA_MODES:
+            raise MoRAConfigError(f"mora.delta_mode={self.delta_mode!r} is invalid: choose one of {DELTA_MODES}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise MoRAConfigError(f"mora.alpha={self.alpha!r} is invalid: must be > 0 (or null for 2 * r_task)")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise MoRAConfigError(f"mora.dropout={self.dropout!r} is invalid: must be in [0, 1)")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise MoRAConfigError(f"mora.eps={self.eps!r} is invalid: must be > 0")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+
+    @property
+    def block_scale(self) -> float:
+        """Scale of a block created now: ``alpha / r_task``."""
+        alpha = self.alpha if self.alpha is not None else 2.0 * self.r_task
+        return float(alpha) / self.r_task
+
+    def gate_settings(self) -> dict:
+        """The settings the layer's forward needs."""
+        return {"k": self.k, "tau": float(self.tau), "delta": self.delta, "delta_mode": self.delta_mode,
+                "gated": self.gated, "eps": float(self.eps)}
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoRAConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

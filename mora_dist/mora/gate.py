@@ -1,0 +1,91 @@
+"""The MoRA gate as one fused autograd function (DESIGN §1).
+
+Given the key responses ``z = A · dropout(x)`` of all R experts of a layer for N tokens, the gate returns the
+per-expert coefficients ``c_i = scale_i · w_i · z_i`` that multiply the value columns ``B_i``:
+
+    s = z / max(‖z‖₂, eps)                      signed, L2-normalised over the bank
+    K = min(k, R) largest s_i kept             the rest get weight 0
+    w = softmax(s_kept / tau)                  over the kept experts
+    w_i ← w_i · 1[s_i ≥ delta]                 where the threshold is active; no renormalisation
+
+The backward is written by hand: it saves four (N, R) tensors instead of the dozen an unfused autograd graph
+keeps, and it defines the gradient policy. A token's gradient reaches exactly the experts it selected: the
+gradient of every kept expert is the true derivative of the layer output, while unselected experts are treated
+as constants for that token (the softmax is blind to them and their only remaining path, the shared norm, is cut
+for them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gate_forward(z: torch.Tensor, k: int, tau: float, delta: float | None, eps: float):
+    """The gate's forward quantities: scores ``s``, clamped ``norm``, softmax weights ``w`` (0 off the kept
+    set), the kept mask (``None`` when all are kept), the threshold mask (``None`` when off), and where the
+    norm was not clamped (``None`` when nowhere)."""
+    norm_raw = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    norm = norm_raw.clamp_min(eps)
+    s = z / norm
+    if k < z.shape[-1]:
+        kept_s, idx = s.topk(k, dim=-1, sorted=False)
+        w = torch.zeros_like(s).scatter_(-1, idx, torch.softmax(kept_s / tau, dim=-1))
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    else:
+        w = torch.softmax(s / tau, dim=-1)
+        keep = None
+    passed = (s >= delta) if delta is not None else None
+    unclamped = norm_raw > eps
+    if bool(unclamped.all()):
+        unclamped = None
+    return s, norm, w, keep, passed, unclamped
+
+
+def gate_weights(z: torch.Tensor, k: int, tau: float, delta: float | None = None,
+                 eps: float = 1e-12) -> torch.Tensor:
+    """The mixture weights ``w`` (after the threshold), without gradient: for statistics and telemetry."""
+    with torch.no_grad():
+        _, _, w, _, passed, _ = gate_forward(z, min(int(k), z.shape[-1]), float(tau), delta, float(eps))
+        return w * passed if passed is not None else w
+
+
+class _MoRAGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, scale, k: int, tau: float, delta: float | None, eps: float):
+        s, norm, w, keep, passed, unclamped = gate_forward(z, k, tau, delta, eps)
+        w_eff = w * passed if passed is not None else w
+        ctx.save_for_backward(s, norm, w, keep, passed, unclamped, scale)
+        ctx.tau = tau
+        return w_eff * z * scale
+    @staticmethod
+    def backward(ctx, grad_c):
+        s, norm, w, keep, passed, unclamped, scale = ctx.saved_tensors
+        z = s * norm
+        g = grad_c * scale
+        if passed is not None:
+            g = g * passed
+        grad_z = g * w  # direct path through z_i
+        q = g * z  # dL/dw_i
+        grad_s = w * (q - (w * q).sum(-1, keepdim=True)) / ctx.tau  # softmax backward; 0 off the kept set
+        radial = s * (s * grad_s).sum(-1, keepdim=True)
+        if unclamped is not None:  # where the norm is floored at eps it is a constant: no radial term
+            radial = radial * unclamped
+        grad_from_norm = (grad_s - radial) / norm
+        if keep is not None:
+            grad_from_norm = grad_from_norm * keep
+        return grad_z + grad_from_norm, None, None, None, None, None
+
+
+def mora_gate(z: torch.Tensor, scale: torch.Tensor, k: int, tau: float, delta: float | None = None,
+              eps: float = 1e-12) -> torch.Tensor:
+    """Coefficients ``c = scale · w · z`` of the MoRA mixture for key responses ``z`` of shape (..., R).
+
+    Args:
+        z: key responses of all experts, last dimension R.
+        scale: per-expert scale (R,), the scale of each expert's block.
+        k: activation budget; ``min(k, R)`` experts are kept per token.
+        tau: softmax temperature (> 0).
+        delta: threshold on the normalised score, or ``None`` when it does not apply.
+        eps: floor of the score norm.
+    """
+    return _MoRAGate.apply(z, scale, min(int(k), z.shape[-1]), float(tau), delta, float(eps))
