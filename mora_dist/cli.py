@@ -1,0 +1,89 @@
+"""The ``mora-dist`` command line.
+
+Subcommands:
+    demo      train MoRA briefly on a short stream of real tasks, save the adapter, reload it, generate
+    generate  greedy generation from a base model plus an optional saved adapter
+    validate  print the resolved run config (YAML + overrides)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_validate(args) -> int:
+    from mora_dist.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from mora_dist.inference import generate, load_for_inference
+
+    model, tok = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    for prompt, answer in zip(args.prompt, generate(model, tok, args.prompt, args.max_new_tokens,
+                                                     chat_template=not args.plain)):
+        print(f">>> {prompt}\n{answer}\n")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from mora_dist.demo import run_demo
+
+    run_demo(model=args.model, data_root=args.data_root, tasks=args.tasks.split(","), steps=args.steps,
+             out=args.out, examples=args.examples, lr=args.lr, max_length=args.max_length)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mora-dist", description="Distributed continual training with MoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="print the resolved run config")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    v.set_defaults(func=_cmd_validate)
+
+    g = sub.add_parser("generate", help="greedy generation with a base model and an optional adapter")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="local folder, .gguf file or packaged name")
+    g.add_argument("--adapter", default=None, help="adapter folder written by a run or the demo")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--plain", action="store_true", help="do not apply the chat template")
+    g.add_argument("prompt", nargs="+")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="train MoRA on a short real task stream, then generate")
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    d.add_argument("--data-root", default=None, help="folder of TRACE-style tasks (default: ../shared/data/"
+                                                    "llm-cl-benchmark-500 or $MORA_DATA_ROOT)")
+    d.add_argument("--tasks", default="FOMC,NumGLUE-cm", help="comma-separated TRACE task folders")
+    d.add_argument("--steps", type=int, default=30, help="optimizer steps per task")
+    d.add_argument("--examples", type=int, default=200, help="training examples per task")
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--max-length", type=int, default=256)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mora_dist.config import ConfigError
+    from mora_dist.data import DataError
+    from mora_dist.models import ModelSourceError
+    from mora_dist.mora.adapter import AdapterError
+    from mora_dist.mora.config import MoRAConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError) as err:
+        print(f"mora-dist: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""End-to-end check of the distributed path on a tiny Llama: ``python -m mora_dist.distributed.selftest``.
+
+Runs under any launcher (deepspeed, torchrun, mpiexec, or one plain process)::
+
+    deepspeed --num_gpus 2 --master_addr 127.0.0.1 -m mora_dist.distributed.selftest --model DIR --out OUT
+    torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m mora_dist.distributed.selftest --model DIR --out OUT
+    mpiexec -n 2 python -m mora_dist.distributed.selftest --model DIR --out OUT
+
+For each task: grow → build engine → train (collectives recorded per phase) → statistics (one all-reduce) →
+decide (hash compared across workers) → destroy engine → prune → freeze → save (gathered, rank 0 writes). Then
+a final statistics pass and probe logits on the saved bank. Rank 0 prints ``SELFTEST_RESULT {json}`` and writes
+``OUT/result.json``, ``OUT/final.pt`` (gathered bank and probe logits), ``OUT/stats-*.json``, ``OUT/adapter-*``.
+``--engine torch`` is the independent one-process reference: plain PyTorch, no DeepSpeed.
+
+The data is deterministic: task ``t`` has ``steps × global_batch`` examples of random tokens (lengths 6-16, right
+padded to 16); optimizer step ``s`` uses examples ``[s·G, (s+1)·G)`` cut into micro-batches, micro-batch ``j``
+going to worker ``j mod world``, so any world size sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mora_dist.distributed import commlog
+
+SEQ = 16
+VOCAB = 128
+
+
+def task_examples(task: int, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 1000 + task)
+    lengths = torch.randint(6, SEQ + 1, (n,), generator=g)
+    return [torch.randint(1, VOCAB, (int(L),), generator=g) for L in lengths]
+
+
+def collate(examples: list[torch.Tensor]) -> dict:
+    ids = torch.zeros(len(examples), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(examples), SEQ, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e)] = e
+        mask[i, :len(e)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def micro_batches(examples: list, micro: int, rank: int, world: int) -> list[dict]:
+    """Micro-batch ``j`` of the example sequence goes to worker ``j mod world``."""
+    chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    return [collate(c) for j, c in enumerate(chunks) if j % world == rank]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a Hugging Face folder with the tiny base model")
+    p.add_argument("--out", required=True, help="output folder (rank 0 writes)")
+    p.add_argument("--stage", type=int, default=2, help="ZeRO stage 0-3")
+    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed")
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per task")
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stat-examples", type=int, default=8)
+    p.add_argument("--instrument", action="store_true", help="record collectives per phase")
+    p.add_argument("--check-frozen", action="store_true", help="compare base and frozen blocks before/after")
+    return p.parse_args(argv)
+
+
+def run_config(args):
+    from mora_dist.config import DistributedConfig, PruneConfig, RunConfig, TrainConfig
+    from mora_dist.mora import MoRAConfig
+
+    return RunConfig(
+        mora=MoRAConfig(r_task=4, k=3, dropout=0.0, tau=0.3, delta=0.2),
+        train=TrainConfig(lr=args.lr, micro_batch_size=args.micro, global_batch_size=args.global_batch,
+                          grad_clip=1.0, schedule="cosine", seed=args.seed),
+        distributed=DistributedConfig(zero_stage=args.stage),
+        prune=PruneConfig(enabled=True, min_usage=0.3, min_mass_share=0.1, min_keep=1))
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.instrument:
+        commlog.install()  # before DeepSpeed keeps references to the torch collectives
+    from mora_dist.distributed.env import discover, init_distributed, shutdown
+
+    launcher = discover().launcher
+    rank, world, local_rank = init_distributed()
+    try:
+        result = run(args, rank, world, launcher)
+        if rank == 0:
+            print("SELFTEST_RESULT " + json.dumps(result), flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+def run(args, rank: int, world: int, launcher: str) -> dict:
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    from mora_dist.distributed import stats as S
+    from mora_dist.mora import (
+        add_block, adapter_state_dict, freeze_blocks, inject_mora, is_adapter_parameter, save_adapter,
+        trainable_parameters,
+    )
+
+    cfg = run_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = commlog.LOG
+    ds = args.engine == "deepspeed"
+    if ds:
+        from mora_dist.distributed import engine as E
+
+        model = E.build_model(lambda: LlamaForCausalLM.from_pretrained(args.model), cfg, persistence_threshold=0)
+    else:
+        if world != 1:
+            raise SystemExit("--engine torch is the one-process reference")
+        model = LlamaForCausalLM.from_pretrained(args.model)
+    inject_mora(model, cfg.mora)
+    label = {"now": "setup"}
+    model.register_forward_pre_hook(lambda m, a: setattr(log, "current", label["now"] + "_forward"), prepend=True)
+    model.register_forward_hook(lambda m, a, o: setattr(log, "current", label["now"]), always_call=True)
+
+    tasks = []
+    G = args.global_batch
+    for t in range(args.tasks):
+        name = f"task{t}"
+        examples = task_examples(t, args.steps * G, args.seed)
+        mine = micro_batches(examples, args.micro, rank, world)
+        info: dict = {"name": name}
+        if ds:
+            E.grow(model, name, seed=args.seed + t)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed + t)
+                add_block(model, name)
+        trainable = {n for n, _ in trainable_parameters(model)}
+        snap = lambda pred: (E.gathered_state(model, pred) if ds else  # noqa: E731
+                             {n: p.detach().clone() for n, p in model.named_parameters() if pred(n)})
+        frozen_pred = lambda n: n not in trainable  # noqa: E731
+        before = snap(frozen_pred) if args.check_frozen else None
+        before_active = snap(lambda n: n in trainable) if args.check_frozen else None
+        label["now"] = "train"
+        if ds:
+            engine = E.build_engine(model, cfg, total_steps=args.steps, persistence_threshold=0)
+            with log.phase("train"):
+                info["losses"] = E.train_task(engine, mine)
+            forward = engine
+        else:
+            info["losses"] = reference_train(model, mine, cfg, args.steps)
+            forward = model
+        if args.check_frozen:
+            after = snap(frozen_pred)
+            after_active = snap(lambda n: n in trainable)
+            info["frozen_compared"] = sum(1 for n in before if ".mora_" in n)
+            info["base_compared"] = sum(1 for n in before if not is_adapter_parameter(n))
+            info["frozen_and_base_identical"] = all(torch.equal(before[n], after[n]) for n in before)
+            info["active_changed"] = all(not torch.equal(before_active[n], after_active[n]) for n in before_active)
+        label["now"] = "stats"
+        stat_batches = micro_batches(examples[:args.stat_examples], args.micro, rank, world)
+        with log.phase("stats"):
+            stats = S.collect_statistics(forward, stat_batches)
+        decision = S.decide_pruning(stats, model, cfg.prune)
+        info["decision_hashes"] = S.check_decision_agrees(decision)
+        info["decision_hash"] = decision["hash"]
+        S.write_statistics(out, name, stats, decision)
+        label["now"] = "other"
+        if ds:
+            E.destroy_engine(engine)
+            E.prune(model, decision)
+            E.freeze(model)
+            E.save_adapter_distributed(model, out / f"adapter-{name}")
+        else:
+            S.apply_pruning(model, decision)
+            freeze_blocks(model)
+            save_adapter(model, out / f"adapter-{name}")
+        info["removed"] = sum(len(v["remove"]) for v in decision["layers"].values())
+        tasks.append(info)
+
+    # final pass on the saved bank: statistics over a probe set, probe logits (every worker the same input)
+    label["now"] = "final"
+    probe = task_examples(99, 2 * world * args.micro, args.seed)
+    final_batches = micro_batches(probe, args.micro, rank, world)
+    forward = E.build_inference_engine(model, cfg, persistence_threshold=0) if ds else model
+    final_stats = S.collect_statistics(forward, final_batches)
+    final_decision = S.decide_pruning(final_stats, model, cfg.prune)
+    S.write_statistics(out, "final", final_stats, final_decision)
+    with torch.no_grad():
+        batch = collate(probe[:4])
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    state = E.gathered_adapter_state(model) if ds else {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    if ds:
+        E.destroy_engine(forward)
+    ranks = [None] * world
+    if world > 1:
+        dist.all_gather_object(ranks, {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                                       "master_addr": os.environ.get("MASTER_ADDR")})
+    if rank == 0:
+        torch.save({"logits": logits, "state": state, "probe": [p.tolist() for p in probe]}, out / "final.pt")
+    result = {"world_size": world, "stage": args.stage, "engine": args.engine, "launcher": launcher,
+              "ranks": ranks, "tasks": tasks, "final_decision_hash": final_decision["hash"],
+              "comm": log.summary() if args.instrument else None,
+              "adapter": str(out / f"adapter-task{args.tasks - 1}")}
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def reference_train(model, batches: list[dict], cfg, steps: int) -> list[float]:
+    """The one-process PyTorch loop a distributed run must reproduce: AdamW, clipping, same schedule."""
+    from mora_dist.mora import trainable_parameters
+    from mora_dist.training import lr_factor
+
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps, cfg.train.schedule, cfg.train.warmup_steps))
+    gas = len(batches) // steps
+    model.train()
+    losses = []
+    for s in range(steps):
+        total = 0.0
+        for batch in batches[s * gas:(s + 1) * gas]:
+            loss = model(**batch).loss
+            (loss / gas).backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total / gas)
+    model.eval()
+    return losses
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Continual-learning report: score matrix, forgetting metrics, general capability, expert usage; JSON, Markdown, PNG.
+
+Input of ``build_report`` (plain JSON-able data, or a run directory, see below)::
+
+    {
+      "tasks": ["C-STANCE", "FOMC", ...],          # the stream, in training order (T names)
+      "in_domain": [ {"C-STANCE": 0.31, ...},      # T+1 dicts: [0] = base model, [i+1] = after task i;
+                     ... ],                         #   a task missing from a dict (or null) = not evaluated
+      "metric_names": {"C-STANCE": "accuracy"},    # optional: metric per task, shown in the tables
+      "general": [ {"local_arc_easy": 0.52, ...},  # optional: T+1 dicts of general-suite scores, same stages
+                   ... ],
+      "experts": {"C-STANCE": {                     # optional: per trained task
+          "summary": {"active_blocks": 12, "pruned_blocks": 4, ...},   # scalars shown in a table
+          "usage": {"attn": [0.9, 0.1, ...], "mlp": [...]}}},          # per layer group: usage per block
+      "title": "..."                                # optional
+    }
+
+``"matrix"`` (T+1 rows x T columns, null where not evaluated) may be given instead of ``"in_domain"``.
+
+Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with ``conventions``, ``general``
+{``names``, ``matrix``, ``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
+figures ``accuracy_matrix.png``, ``task_curves.png``, ``general_curves.png`` (when general scores exist) and
+``expert_usage_<group>.png`` per layer group (when usage data exist).
+
+``rebuild_report(run_dir)`` reads the per-stage files ``<run_dir>/eval/stage_XX_<name>.json`` written by
+``results.write_stage_results`` (XX = 00 for the base model, i + 1 after task i; only their ``mora_dist`` section is
+read: ``after_task``, ``in_domain``, ``general``, ``experts``) and writes the report to ``<run_dir>/report/``.
+The stream is the ``after_task`` of stages 1..T in stage order; a missing stage becomes a row of nulls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, forgetting_metrics
+from mora_dist.evaluation.results import atomic_write_json, read_stage_results
+
+Row = list[float | None]
+
+
+def _num(value: Any) -> float | None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _matrix_from_stages(names: Sequence[str], stages: Sequence[Mapping[str, Any] | None]) -> list[Row]:
+    return [[_num((stage or {}).get(n)) for n in names] for stage in stages]
+
+
+def normalize_input(data: Mapping[str, Any]) -> dict:
+    """Validate the ``build_report`` input and return ``tasks``, ``matrix``, general names and matrix, experts."""
+    tasks = list(data.get("tasks") or [])
+    if not tasks:
+        raise ValueError("report input needs 'tasks': the stream's task names in training order")
+    T = len(tasks)
+    if "matrix" in data:
+        matrix = [[_num(v) for v in row] for row in data["matrix"]]
+    elif "in_domain" in data:
+        matrix = _matrix_from_stages(tasks, data["in_domain"])
+    else:
+        raise ValueError("report input needs 'in_domain' (T+1 dicts of scores) or 'matrix' (T+1 rows)")
+    if len(matrix) != T + 1 or any(len(row) != T for row in matrix):
+        raise ValueError(f"score matrix must be {T + 1} rows (base + one per task) x {T} tasks, got "
+                         f"{len(matrix)} rows of lengths {sorted({len(r) for r in matrix})}")
+    general = data.get("general") or []
+    if general and len(general) != T + 1:
+        raise ValueError(f"'general' must hold T+1={T + 1} stage dicts, got {len(general)}")
+    gnames: list[str] = []
+    for stage in general:
+        gnames += [k for k in (stage or {}) if k not in gnames]
+    return {"title": data.get("title", "Continual-learning report"), "tasks": tasks, "matrix": matrix,
+            "metric_names": dict(data.get("metric_names") or {}), "general_names": gnames,
+            "general_matrix": _matrix_from_stages(gnames, general) if general else [],
+            "experts": dict(data.get("experts") or {})}
+
+
+def stage_labels(tasks: Sequence[str]) -> list[str]:
+    """Row labels: ``base`` then ``after <task>``."""
+    return ["base"] + [f"after {t}" for t in tasks]
+
+
+def _change(matrix: list[Row]) -> list[Row]:
+    base = matrix[0]
+    return [[None if v is None or b is None else v - b for v, b in zip(row, base)] for row in matrix]
+
+
+def compute_report(data: Mapping[str, Any]) -> dict:
+    """The ``report.json`` content for ``data`` (see the module docstring)."""
+    d = normalize_input(data)
+    metrics: dict[str, Any] = forgetting_metrics(d["matrix"])
+    metrics["conventions"] = dict(FORGETTING_CONVENTIONS)
+    general = {"names": d["general_names"], "matrix": d["general_matrix"],
+               "change_from_base": _change(d["general_matrix"]) if d["general_matrix"] else []}
+    return {"title": d["title"], "tasks": d["tasks"], "stages": stage_labels(d["tasks"]),
+            "metric_names": d["metric_names"], "matrix": d["matrix"], "metrics": metrics, "general": general,
+            "experts": d["experts"]}
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(rep: dict, figures: Sequence[str]) -> str:
+    """``report.md``: matrix, metrics with their conventions, general capability, experts, figure links."""
+    tasks, stages = rep["tasks"], rep["stages"]
+    header = ["stage \\ task"] + [f"{t} ({rep['metric_names'][t]})" if t in rep["metric_names"] else t
+                                  for t in tasks]
+    out = [f"# {rep['title']}", "", f"Stream of T={len(tasks)} tasks: {', '.join(tasks)}.", "",
+           "## In-domain score matrix", "",
+           "Row 0 is the base model before training; row i+1 is after training tasks 0..i. '–' = not evaluated.",
+           ""]
+    out += _table(header, [[s] + [_fmt(v) for v in row] for s, row in zip(stages, rep["matrix"])])
+    out += ["", "## Continual-learning metrics", ""]
+    out += _table(["metric", "value", "convention"],
+                  [[k, _fmt(rep["metrics"][k], signed=k in ("BWT", "FWT")), rep["metrics"]["conventions"][k]]
+                   for k in FORGETTING_CONVENTIONS])
+    g = rep["general"]
+    if g["names"]:
+        out += ["", "## General capability", ""]
+        out += _table(["stage"] + g["names"], [[s] + [_fmt(v) for v in row] for s, row in zip(stages, g["matrix"])])
+        out += ["", "Change from the base model:", ""]
+        out += _table(["stage"] + g["names"],
+                      [[s] + [_fmt(v, signed=True) for v in row] for s, row in zip(stages, g["change_from_base"])])
+    if rep["experts"]:
+        keys: list[str] = []
+        for info in rep["experts"].values():
+            keys += [k for k in (info.get("summary") or {}) if k not in keys]
+        if keys:
+            out += ["", "## Experts per task", ""]
+            out += _table(["task"] + keys, [[t] + [str((info.get("summary") or {}).get(k, "–")) for k in keys]
+                                            for t, info in rep["experts"].items()])
+    if figures:
+        out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _heatmap(values: list[Row], rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str, ylabel: str,
+             cbar_label: str, path: Path, annotate: bool = True) -> Path:
+    import numpy as np
+
+    plt = _plt()
+    arr = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cols) + 3), max(3.0, 0.5 * len(rows) + 2)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    finite = arr[np.isfinite(arr)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    im = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=list(cols), rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=cbar_label)
+    if annotate and arr.size <= 400:
+        for i in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                v = arr[i, j]
+                text = "–" if np.isnan(v) else f"{v:.2f}"
+                dark = not np.isnan(v) and (v - vmin) / (vmax - vmin) < 0.5
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curves(matrix: list[Row], names: Sequence[str], stages: Sequence[str], title: str, ylabel: str,
+            path: Path, mark_trained: bool) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(stages) + 3), 4.5))
+    for j, name in enumerate(names):
+        pts = [(i, row[j]) for i, row in enumerate(matrix) if row[j] is not None]
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if mark_trained and j + 1 < len(matrix) and matrix[j + 1][j] is not None:
+            ax.plot([j + 1], [matrix[j + 1][j]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xticks(range(len(stages)), labels=list(stages), rotation=30, ha="right")
+    ax.set_xlabel("stage of the stream"), ax.set_ylabel(ylabel), ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_figures(rep: dict, out_dir: Path) -> list[Path]:
+    """Write the report's PNGs into ``out_dir``; returns their paths."""
+    figs = [_heatmap(rep["matrix"], rep["stages"], rep["tasks"], "In-domain score matrix", "evaluated task",
+                     "model after training", "score", out_dir / "accuracy_matrix.png"),
+            _curves(rep["matrix"], rep["tasks"], rep["stages"], "Per-task score across the stream (* = just trained)",
+                    "in-domain score", out_dir / "task_curves.png", mark_trained=True)]
+    g = rep["general"]
+    if g["names"]:
+        figs.append(_curves(g["matrix"], g["names"], rep["stages"], "General capability across the stream",
+                            "general-suite score", out_dir / "general_curves.png", mark_trained=False))
+    groups: list[str] = []
+    for info in rep["experts"].values():
+        groups += [k for k in (info.get("usage") or {}) if k not in groups]
+    for group in groups:
+        tasks = [t for t, info in rep["experts"].items() if group in (info.get("usage") or {})]
+        rows = [list(rep["experts"][t]["usage"][group]) for t in tasks]
+        width = max(len(r) for r in rows)
+        rows = [[_num(v) for v in r] + [None] * (width - len(r)) for r in rows]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
+        figs.append(_heatmap(rows, tasks, [str(b) for b in range(width)], f"Expert usage: {group}",
+                             "rank block (expert)", "task", "usage", out_dir / f"expert_usage_{safe}.png",
+                             annotate=width <= 16))
+    return figs
+
+
+def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike) -> dict:
+    """Write ``report.json``, ``report.md`` and the PNGs to ``out_dir``; returns the ``report.json`` content.
+
+    Args:
+        run_dir_or_data: the input dict documented in the module docstring, or a run directory whose
+            ``eval/stage_XX_<name>.json`` files are read (see ``load_run_dir``).
+        out_dir: folder for the outputs (created).
+    """
+    data = load_run_dir(run_dir_or_data) if isinstance(run_dir_or_data, (str, os.PathLike)) else run_dir_or_data
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = compute_report(data)
+    figures = render_figures(rep, out)
+    rep["figures"] = [p.name for p in figures]
+    atomic_write_json(out / "report.json", rep)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(render_markdown(rep, figures), encoding="utf-8")
+    os.replace(tmp, out / "report.md")
+    return rep
+
+
+def load_run_dir(run_dir: str | os.PathLike) -> dict:
+    """The ``build_report`` input assembled from ``<run_dir>/eval/stage_XX_<name>.json`` files."""
+    stages = read_stage_results(run_dir)
+    by_index = {s["mora_dist"]["stage"]: s["mora_dist"] for s in stages}
+    T = max(by_index)
+    if T < 1:
+        raise ValueError(f"{run_dir}: only the base stage was evaluated; the report needs at least one task")
+    tasks = [(by_index.get(i) or {}).get("after_task") or f"task_{i - 1}" for i in range(1, T + 1)]
+    in_domain, general, metric_names, experts = [], [], {}, {}
+    for i in range(T + 1):
+        info = by_index.get(i) or {}
+        in_domain.append({t: v["score"] for t, v in (info.get("in_domain") or {}).items()})
+        general.append({t: v["score"] for t, v in (info.get("general") or {}).items()})
+        for t, v in (info.get("in_domain") or {}).items():
+            metric_names.setdefault(t, v["metric"].split(",")[0])
+        if i >= 1 and info.get("experts"):
+            experts[tasks[i - 1]] = info["experts"]
+    data = {"tasks": tasks, "in_domain": in_domain, "metric_names": metric_names, "experts": experts,
+            "title": f"Continual-learning report: {Path(run_dir).name}"}
+    if any(general):
+        data["general"] = general
+    return data
+
+
+def rebuild_report(run_dir: str | os.PathLike) -> dict:
+    """Rebuild ``<run_dir>/report/`` from the stage results files in ``<run_dir>/eval/``."""
+    return build_report(run_dir, Path(run_dir) / "report")
+
+
+if __name__ == "__main__":  # python -m mora_dist.evaluation.report RUN_DIR
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m mora_dist.evaluation.report RUN_DIR")
+    print(rebuild_report(sys.argv[1])["metrics"])
