@@ -1,0 +1,90 @@
+"""Benchmark: examples/s of batched greedy generation vs batch size 1 on SmolLM2-135M-Instruct (CPU or GPU).
+
+Real prompts: the eval split of FOMC from ``shared/data/llm-cl-benchmark-500``. Two settings, each measured side
+by side in this one run (same prompts, same model, batch size 1 first, then batched):
+
+* ``in_domain``: FOMC's in-domain budget (``TASK_MAX_NEW_TOKENS["FOMC"]`` = 4 new tokens): prefill dominates.
+* ``long_answers``: 48 new tokens per prompt (a free-form answer budget): decoding dominates.
+
+It also reports whether batched and batch-size-1 outputs agree. Results are printed and written to
+``bench/results/generation_batch.json``.
+
+Launch: ``python bench/generation_batch.py [--n 32] [--batch-size 16] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data")) / "llm-cl-benchmark-500"
+
+
+def measure(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[float, list[str]]:
+    """Seconds taken and outputs of ``generate_texts`` on ``prompts``."""
+    from mora_dist.evaluation.generation import generate_texts
+
+    start = time.perf_counter()
+    out = generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return time.perf_counter() - start, out
+
+
+def main() -> dict:
+    """Run both settings and write the JSON; returns the results dict."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=32, help="prompts for the in_domain setting")
+    parser.add_argument("--n-long", type=int, default=16, help="prompts for the long_answers setting")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_batch.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from mora_dist.evaluation.generation import task_max_new_tokens
+    from mora_dist.models import load_model, load_tokenizer
+
+    path = DATA / "FOMC" / "eval.json"
+    if not path.is_file():
+        raise SystemExit(f"benchmark data missing: {path}")
+    examples = json.loads(path.read_text(encoding="utf-8"))
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct").eval()
+    measure(model, tok, [examples[0]["prompt"]], 2, 1)  # warm-up
+
+    settings = {"in_domain": (args.n, task_max_new_tokens("FOMC")), "long_answers": (args.n_long, 48)}
+    results: dict = {"model": "smollm2-135m-instruct", "task": "FOMC (eval split)", "batch_size": args.batch_size,
+                     "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
+                     "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                     "settings": {}}
+    for name, (n, max_new) in settings.items():
+        prompts = [ex["prompt"] for ex in examples[:n]]
+        t1, out1 = measure(model, tok, prompts, max_new, 1)
+        tb, outb = measure(model, tok, prompts, max_new, args.batch_size)
+        row = {"n_examples": len(prompts), "max_new_tokens": max_new,
+               "prompt_tokens_mean": sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts),
+               "bs1_seconds": t1, "batched_seconds": tb,
+               "bs1_examples_per_s": len(prompts) / t1, "batched_examples_per_s": len(prompts) / tb,
+               "speedup": t1 / tb, "outputs_identical": sum(a == b for a, b in zip(out1, outb)) / len(prompts)}
+        results["settings"][name] = row
+        print(f"{name:>13}: n={row['n_examples']} new_tokens={max_new} prompt_tokens~{row['prompt_tokens_mean']:.0f} "
+              f"| bs=1 {row['bs1_examples_per_s']:.2f} ex/s | bs={args.batch_size} "
+              f"{row['batched_examples_per_s']:.2f} ex/s | speedup {row['speedup']:.2f}x "
+              f"| identical outputs {row['outputs_identical']:.0%}", flush=True)
+
+    from mora_dist.evaluation.results import atomic_write_json
+
+    atomic_write_json(args.out, results)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run mora-dist under MPI (ranks come from mpi4py; mpiexec from the venv's mpich works):
+#   launch/mpirun.sh -n 2 -- run configs/run.yaml [key=value ...]
+#   launch/mpirun.sh -n 8 --hosts node1,node2 -- run configs/run.yaml
+set -euo pipefail
+cmd=$(python -m mora_dist.distributed.launch_cmd mpirun "$@")
+echo "+ $cmd" >&2
+eval "exec $cmd"

@@ -1,0 +1,61 @@
+"""The typed run config: YAML, overrides, unknown keys, checked fields, and the validate command."""
+
+from __future__ import annotations
+
+import pytest
+
+from mora_dist.cli import main
+from mora_dist.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "mora:\n  k: 4\ntrain:\n  lr: 1e-3\ntasks:\n  - {name: FOMC}\n  - {name: boolq, source: olmo}\n")
+    cfg = load_config(p, ["mora.tau=0.1", "tasks.1.lr=2e-4"])
+    assert cfg.mora.k == 4 and cfg.mora.tau == 0.1 and cfg.train.lr == 1e-3
+    assert [t.name for t in cfg.tasks] == ["FOMC", "boolq"] and cfg.tasks[1].lr == 2e-4
+
+
+def test_unknown_key_suggests(tmp_path):
+    p = write(tmp_path, "train:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown key train\.learning_rate"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"did you mean mora\.tau\?"):
+        load_config(None, ["mora.tua=1"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("distributed.zero_stage=4", r"zero_stage=4: must be 0, 1, 2 or 3"),
+    ("mora.k=0", r"mora\.k=0"),
+    ("mora.tau=-1", r"mora\.tau=-1"),
+    ("train.micro_batch_size=abc", r"train\.micro_batch_size='abc': expected int"),
+])
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_duplicate_task_names():
+    with pytest.raises(ConfigError, match="duplicate task names"):
+        load_config(None, ["tasks=[{name: a}, {name: a}]"])
+
+
+def test_global_batch_must_divide():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=12"])
+    assert cfg.train.gradient_accumulation(1) == 3
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not a multiple of .* = 8"):
+        cfg.train.gradient_accumulation(2)
+
+
+def test_validate_command_prints_resolved_config(tmp_path, capsys):
+    p = write(tmp_path, "mora:\n  k: 2\n")
+    assert main(["validate", str(p), "train.seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "k: 2" in out and "seed: 7" in out
+    assert main(["validate", str(p), "mora.kk=1"]) == 2
+    assert "did you mean mora.k" in capsys.readouterr().err
