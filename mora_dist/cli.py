@@ -1,6 +1,9 @@
 """The ``mora-dist`` command line.
 
 Subcommands:
+    run       run or resume a task stream from a config (also: python -m mora_dist run ...)
+    status    stages done and pending, current task and step, last metrics of a run directory
+    report    rebuild a run directory's report from its stored results
     demo      train MoRA briefly on a short stream of real tasks, save the adapter, reload it, generate
     generate  greedy generation from a base model plus an optional saved adapter
     validate  print the resolved run config (YAML + overrides)
@@ -17,6 +20,29 @@ def _cmd_validate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from mora_dist.config import load_config
+    from mora_dist.run.orchestrator import Limits, run
+
+    cfg = load_config(args.config, args.overrides)
+    return run(cfg, Limits(max_stages=args.max_stages, until_task=args.until_task, time_budget=args.time_budget))
+
+
+def _cmd_status(args) -> int:
+    from mora_dist.run.status import print_status
+
+    return print_status(args.run_dir)
+
+
+def _cmd_report(args) -> int:
+    from mora_dist.evaluation.report import rebuild_report
+
+    rep = rebuild_report(args.run_dir)
+    print(f"report written to {args.run_dir}/report: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in rep["metrics"].items() if isinstance(v, float)))
     return 0
 
 
@@ -41,6 +67,23 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mora-dist", description="Distributed continual training with MoRA.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume a task stream")
+    r.add_argument("config", help="YAML run config (see configs/)")
+    r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    r.add_argument("--max-stages", type=int, default=None, help="do at most N stages, then exit 0")
+    r.add_argument("--until-task", default=None, help="stop once this task is done")
+    r.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; checkpoint and exit 0 before this wall-clock budget is spent")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("status", help="show the progress of a run directory")
+    s.add_argument("run_dir")
+    s.set_defaults(func=_cmd_status)
+
+    rp = sub.add_parser("report", help="rebuild the report of a run directory from stored results")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
 
     v = sub.add_parser("validate", help="print the resolved run config")
     v.add_argument("config")
@@ -77,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     from mora_dist.models import ModelSourceError
     from mora_dist.mora.adapter import AdapterError
     from mora_dist.mora.config import MoRAConfigError
+    from mora_dist.run.state import RunStateError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError) as err:
+    except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError, RunStateError) as err:
         print(f"mora-dist: error: {err}", file=sys.stderr)
         return 2
 

@@ -64,6 +64,8 @@ class TrainConfig:
         grad_clip: clip the gradient norm to this value; 0 disables.
         seed: seed of initialisation, data order and dropout.
         max_examples: use at most this many training examples per task (a fixed seeded subsample); null = all.
+        checkpoint_every: write a resumable mid-task checkpoint every this many optimizer steps (0: only at
+            the end of the task and on a stop signal).
     """
 
     epochs: float = 1.0
@@ -77,8 +79,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 42
     max_examples: int | None = None
+    checkpoint_every: int = 50
 
     def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every={self.checkpoint_every}: must be >= 0")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r}: choose cosine or constant")
         if self.lr <= 0:
@@ -187,6 +192,35 @@ class TaskConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation after every task (and of the base model before the first).
+
+    Attributes:
+        split: the tasks' split evaluated in-domain (``test``, or ``eval``).
+        max_examples: in-domain examples per task (a fixed seeded subsample); null = all.
+        batch_size: prompts per generation batch.
+        seed: seed of the subsamples.
+        general: general-capability suite: lm-eval task names (local ones: see ``evals/``); empty = none.
+        general_limit: documents per general task (lm-eval's ``limit``); null = all.
+        chat_template: format in-domain prompts with the chat template (as in training).
+    """
+
+    split: str = "test"
+    max_examples: int | None = 50
+    batch_size: int = 8
+    seed: int = 0
+    general: list[str] = field(default_factory=list)
+    general_limit: int | None = 50
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.split not in ("train", "eval", "test"):
+            raise ConfigError(f"eval.split={self.split!r}: choose test, eval or train")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size}: must be >= 1")
+
+
+@dataclass
 class DataConfig:
     """Where task data lives.
 
@@ -207,6 +241,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
 

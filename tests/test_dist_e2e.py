@@ -3,14 +3,15 @@
 One module-scoped fixture runs ``mora_dist.distributed.selftest`` (2 tasks: grow → train → statistics →
 prune → freeze → save, then a final statistics pass and probe logits) five times:
 
-* ``z2``: ZeRO-2, 2 processes, torchrun;
-* ``z3``: ZeRO-3, 2 processes, the deepspeed launcher;
-* ``z3_mpi``: ZeRO-3, 2 processes, ``mpiexec -n 2`` (ranks through mpi4py);
+* ``z2``: ZeRO-2, 2 processes, torchrun (through ``launch/torchrun.sh``);
+* ``z3``: ZeRO-3, 2 processes, the deepspeed launcher on localhost (``launch/deepspeed.sh``);
+* ``z3_mpi``: ZeRO-3, 2 processes, ``mpiexec -n 2`` from the venv, ranks through mpi4py (``launch/mpirun.sh``);
 * ``one``: ZeRO-2, 1 plain process (a private one-rank group);
 * ``ref``: the one-process PyTorch reference (no DeepSpeed), same global batch (4 = 2 micro-batches of 2).
 
-Every test below compares those results. Tolerances (float32): per-step losses agree within rtol 1e-5,
-adapters within atol 2e-5 (Adam's normalised steps amplify last-bit differences of gradient sums);
+Every test below compares those results. Tolerances (float32): per-step losses agree within rtol 1e-6 (observed: bit-identical),
+adapters within atol 2e-6 (observed: ZeRO-2 and one process bit-identical to the reference, ZeRO-3 2e-7:
+its partitioned gradient reduction sums in another order, and Adam's normalised steps carry that on);
 statistics counts exactly, sums within rtol 1e-6; outputs of a ZeRO-3-saved adapter loaded in one process
 within atol 1e-5 of the ZeRO-3 outputs; base and frozen blocks bit-identical.
 """
@@ -28,11 +29,10 @@ import torch
 
 from conftest import REPO, tiny_llama_config
 from mora_dist.distributed.env import free_port
-from mora_dist.distributed.launch_cmd import deepspeed_cmd, mpirun_cmd, torchrun_cmd
 
 SELFTEST = "mora_dist.distributed.selftest"
-LOSS_RTOL = 1e-5
-ADAPTER_ATOL = 2e-5
+LOSS_RTOL = 1e-6
+ADAPTER_ATOL = 2e-6
 TIMEOUT = 300
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
@@ -42,6 +42,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"), OMP_NUM_THREADS="1",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
     return env
 
@@ -74,12 +75,15 @@ def runs(tmp_path_factory):
     def args(name, *extra):
         return common + ["--out", str(root / name), *extra]
 
+    def script(name, *opts):  # the shipped launch/*.sh wrappers, running the selftest module
+        return ["bash", str(REPO / "launch" / f"{name}.sh"), *opts, "--module", SELFTEST, "--"]
+
     cmds = {
-        "z2": torchrun_cmd(args("z2", "--stage", "2", "--instrument", "--check-frozen"), nproc=2,
-                           master_port=free_port(), module=SELFTEST),
-        "z3": deepspeed_cmd(args("z3", "--stage", "3", "--instrument", "--check-frozen"), gpus=2,
-                            master_port=free_port(), module=SELFTEST),
-        "z3_mpi": mpirun_cmd(args("z3_mpi", "--stage", "3"), n=2, module=SELFTEST),
+        "z2": script("torchrun", "--nproc", "2", "--master-port", str(free_port()))
+        + args("z2", "--stage", "2", "--instrument", "--check-frozen"),
+        "z3": script("deepspeed", "--gpus", "2", "--master-port", str(free_port()))
+        + args("z3", "--stage", "3", "--instrument", "--check-frozen"),
+        "z3_mpi": script("mpirun", "-n", "2") + args("z3_mpi", "--stage", "3"),
         "one": [sys.executable, "-m", SELFTEST, *args("one", "--stage", "2")],
         "ref": [sys.executable, "-m", SELFTEST, *args("ref", "--engine", "torch")],
     }

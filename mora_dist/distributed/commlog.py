@@ -20,7 +20,8 @@ COLLECTIVES = (
     "broadcast_object_list", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
     "isend", "irecv", "barrier", "all_reduce_coalesced", "batch_isend_irecv", "gather_object", "scatter_object_list",
 )
-ZERO_GATHER_FILES = ("deepspeed/runtime/zero/partition_parameters.py",
+# DeepSpeed's ZeRO-3 parameter fetching: the gathers themselves and the fetch coordinator's trace checks
+ZERO3_FETCH_FILES = ("deepspeed/runtime/zero/partition_parameters.py",
                      "deepspeed/runtime/zero/partitioned_param_coordinator.py",
                      "deepspeed/runtime/zero/parameter_offload.py")
 
@@ -47,7 +48,7 @@ class CommLog:
 
     def record(self, op: str) -> None:
         files = [f.filename.replace("\\", "/") for f in traceback.extract_stack()]
-        origin = "zero_param_gather" if any(z in f for f in files for z in ZERO_GATHER_FILES) else "other"
+        origin = "deepspeed_zero3" if any(z in f for f in files for z in ZERO3_FETCH_FILES) else "other"
         self.calls[(self.current, op, origin)] += 1
 
     def summary(self) -> dict:

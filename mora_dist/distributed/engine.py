@@ -126,7 +126,9 @@ def build_model(loader: Callable[[], nn.Module], run_cfg: RunConfig, *,
     cfg = ds_config(run_cfg.train, run_cfg.distributed, run_cfg.model.dtype, _world(),
                     persistence_threshold=persistence_threshold)
     _HF_DS_CONFIG = HfDeepSpeedConfig(cfg)
-    with deepspeed.zero.Init(config_dict_or_path=cfg, dtype=DTYPES[run_cfg.model.dtype]):
+    # dtype comes from the ds_config (bf16/fp16 sections): DeepSpeed 0.19 ignores an explicit float32 dtype on
+    # machines without fp16 support and builds bfloat16 parameters and buffers.
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
         model = loader()
     return model
 
@@ -255,6 +257,8 @@ def build_inference_engine(model: nn.Module, run_cfg: RunConfig, *, persistence_
                     persistence_threshold=persistence_threshold)
     cfg.pop("optimizer", None)
     cfg["zero_optimization"].pop("offload_optimizer", None)
+    if cfg["zero_optimization"]["stage"] < 3:  # parameters are whole on every worker: nothing to partition
+        cfg["zero_optimization"] = {"stage": 0}
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
     engine.eval()
     return engine

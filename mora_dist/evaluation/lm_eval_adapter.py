@@ -49,8 +49,8 @@ class LiveLM(TemplateLM):
         self.synced_gpus = synced_gpus
         self.add_bos_token = add_bos_token
         self._rank, self._world_size = 0, 1  # lm-eval must not shard: this class shards itself
-        self.vocab_size = model.get_output_embeddings().weight.shape[0] if hasattr(
-            model, "get_output_embeddings") and model.get_output_embeddings() is not None else len(tok)
+        # config, not the weight's shape: under ZeRO-3 the local weight is an empty partition.
+        self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", None) or len(tok))
 
     # ------------------------------------------------------------------------------------------ tokenisation
     @property

@@ -1,0 +1,1 @@
+"""The orchestrator: a run directory as a resumable state machine over a task stream (DESIGN §4)."""

@@ -1,0 +1,226 @@
+"""How the orchestrator trains: in one process with PyTorch (``LocalTrainer``) or under DeepSpeed
+(``DeepSpeedTrainer``, any ZeRO stage, any launcher). Both expose the same small interface, so the
+orchestrator reads the same either way:
+
+    grow(name, seed)                 new trainable block at the start of a task
+    begin(steps, lr)                 optimizer (and engine) for one task
+    step(micro_batches) -> loss      one optimizer step over this worker's micro-batches
+    save_checkpoint(dir, step)       resumable mid-task state (collective)
+    load_checkpoint(dir) -> step     restore it
+    end()                            drop optimizer / engine
+    prune(decision), freeze()        bank changes at the end of a task
+    save_adapter(dir), load_adapter(dir, trainable_last)
+    forward_model                    what statistics and evaluation call (the engine under ZeRO-3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mora_dist.io import atomic_write_json, read_json
+from mora_dist.mora import add_block, freeze_blocks, load_adapter, save_adapter, trainable_parameters
+from mora_dist.training import lr_factor
+
+
+class LocalTrainer:
+    """One process, plain PyTorch AdamW over the active block. Checkpoints are bit-exact to resume."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model, cfg):
+        self.model = model
+        self.cfg = cfg
+        self.opt = None
+        self.steps = 0
+        self.lr = cfg.train.lr
+
+    @property
+    def forward_model(self):
+        return self.model
+
+    def grow(self, name: str, seed: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            add_block(self.model, name)
+
+    def begin(self, steps: int, lr: float) -> None:
+        self.steps, self.lr = steps, lr
+        params = [p for _, p in trainable_parameters(self.model)]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.train.weight_decay)
+
+    def step(self, step: int, micro_batches: list[dict]) -> float:
+        t = self.cfg.train
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * lr_factor(step, self.steps, t.schedule, t.warmup_steps)
+        self.model.train()
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.model(**batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach().item()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], t.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
+        return total
+
+    def save_checkpoint(self, directory: Path, step: int) -> None:
+        """Adapter (with the active block), optimizer state and RNG state, so training resumes bit-exactly."""
+        directory = Path(directory)
+        save_adapter(self.model, directory / "adapter")
+        flat, meta = _flatten_optimizer(self.opt.state_dict())
+        flat["torch_rng_state"] = torch.get_rng_state()
+        save_file(flat, str(directory / ".trainer_state.tmp"))
+        os.replace(directory / ".trainer_state.tmp", directory / "trainer_state.safetensors")
+        atomic_write_json(directory / "trainer_state.json", {"step": step, "optimizer": meta})
+
+    def load_checkpoint(self, directory: Path) -> int:
+        directory = Path(directory)
+        load_adapter(self.model, directory / "adapter", trainable_last=True)
+        info = read_json(directory / "trainer_state.json")
+        return info["step"]
+
+    def restore_optimizer(self, directory: Path) -> None:
+        directory = Path(directory)
+        info = read_json(directory / "trainer_state.json")
+        flat = load_file(str(directory / "trainer_state.safetensors"))
+        torch.set_rng_state(flat.pop("torch_rng_state"))
+        self.opt.load_state_dict(_unflatten_optimizer(flat, info["optimizer"]))
+
+    def end(self) -> None:
+        self.opt = None
+
+    def prune(self, decision: dict) -> None:
+        from mora_dist.distributed.stats import apply_pruning
+
+        apply_pruning(self.model, decision)
+
+    def freeze(self) -> None:
+        freeze_blocks(self.model)
+
+    def save_adapter(self, directory: Path) -> None:
+        save_adapter(self.model, directory)
+
+    def load_adapter(self, directory: Path, trainable_last: bool = False) -> None:
+        load_adapter(self.model, directory, trainable_last=trainable_last)
+
+    def barrier(self) -> None:
+        pass
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as flat tensors (for safetensors) plus JSON metadata."""
+    flat, meta_state = {}, {}
+    for pid, st in state["state"].items():
+        entry = {}
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                flat[f"state.{pid}.{key}"] = value.detach().clone().contiguous()
+                entry[key] = "tensor"
+            else:
+                entry[key] = value
+        meta_state[str(pid)] = entry
+    return flat, {"state": meta_state, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {k: (flat[f"state.{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class DeepSpeedTrainer:
+    """Training under DeepSpeed (ZeRO 0-3) through ``mora_dist.distributed.engine``, the only deepspeed user.
+
+    Mid-task checkpoints use DeepSpeed's own sharded checkpoint (resume with the same world size); the
+    adapter at every task boundary is gathered and restorable onto any world size.
+    """
+
+    def __init__(self, model, cfg):
+        from mora_dist.distributed import env
+
+        self.env = env
+        self.model = model
+        self.cfg = cfg
+        self.engine = None
+        self.rank, self.world_size = env.rank(), env.world_size()
+
+    @property
+    def forward_model(self):
+        return self.engine if self.engine is not None else self.model
+
+    def grow(self, name: str, seed: int) -> None:
+        from mora_dist.distributed import engine as eng
+
+        eng.grow(self.model, name, seed=seed)
+
+    def begin(self, steps: int, lr: float) -> None:
+        from mora_dist.distributed import engine as eng
+
+        self.engine = eng.build_engine(self.model, self.cfg, total_steps=steps, lr=lr)
+
+    def step(self, step: int, micro_batches: list[dict]) -> float:
+        from mora_dist.distributed import engine as eng
+
+        return eng.train_task(self.engine, micro_batches)[0]
+
+    def save_checkpoint(self, directory: Path, step: int) -> None:
+        from mora_dist.distributed import engine as eng
+
+        directory = Path(directory)
+        eng.save_adapter_distributed(self.model, directory / "adapter")
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="latest_step", save_latest=True)
+        if self.env.is_main():
+            atomic_write_json(directory / "trainer_state.json", {"step": step, "world_size": self.world_size})
+        self.env.barrier()
+
+    def load_checkpoint(self, directory: Path) -> int:
+        from mora_dist.distributed import engine as eng
+
+        info = read_json(Path(directory) / "trainer_state.json")
+        if info.get("world_size", self.world_size) != self.world_size:
+            raise RuntimeError(f"{directory}: a mid-task checkpoint written by {info['world_size']} workers cannot "
+                               f"resume on {self.world_size}; finish the task with {info['world_size']} workers")
+        eng.load_adapter_distributed(self.model, Path(directory) / "adapter", trainable_last=True)
+        return info["step"]
+
+    def restore_optimizer(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(Path(directory) / "deepspeed"), tag="latest_step",
+                                    load_module_strict=False)
+
+    def end(self) -> None:
+        from mora_dist.distributed import engine as eng
+
+        if self.engine is not None:
+            self.model = eng.destroy_engine(self.engine)
+            self.engine = None
+
+    def prune(self, decision: dict) -> None:
+        from mora_dist.distributed import engine as eng
+
+        eng.prune(self.model, decision)
+
+    def freeze(self) -> None:
+        from mora_dist.distributed import engine as eng
+
+        eng.freeze(self.model)
+
+    def save_adapter(self, directory: Path) -> None:
+        from mora_dist.distributed import engine as eng
+
+        eng.save_adapter_distributed(self.model, directory)
+
+    def load_adapter(self, directory: Path, trainable_last: bool = False) -> None:
+        from mora_dist.distributed import engine as eng
+
+        eng.load_adapter_distributed(self.model, directory, trainable_last=trainable_last)
+
+    def barrier(self) -> None:
+        self.env.barrier()
