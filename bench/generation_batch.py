@@ -1,10 +1,14 @@
 """Benchmark: examples/s of batched greedy generation vs batch size 1 on SmolLM2-135M-Instruct (CPU or GPU).
 
-Real prompts: the eval split of FOMC from ``shared/data/llm-cl-benchmark-500``. Two settings, each measured side
-by side in this one run (same prompts, same model, batch size 1 first, then batched):
+Real prompts from the eval splits of ``shared/data/llm-cl-benchmark-500``. Three settings, each measured side by
+side in this one run (same prompts, same model, batch size 1 first, then batched):
 
-* ``in_domain``: FOMC's in-domain budget (``TASK_MAX_NEW_TOKENS["FOMC"]`` = 4 new tokens): prefill dominates.
-* ``long_answers``: 48 new tokens per prompt (a free-form answer budget): decoding dominates.
+* ``in_domain``: FOMC with its in-domain budget (``TASK_MAX_NEW_TOKENS["FOMC"]`` = 4 new tokens): prefill dominates.
+* ``long_answers``: FOMC with 48 new tokens per prompt (a free-form answer budget).
+* ``decode_bound``: NumGLUE-ds (short prompts) with 96 new tokens: decoding dominates.
+
+On a CPU, batching only saves the per-step overhead of decoding one sequence at a time; prefill costs the same
+FLOPs either way, so the speedup grows with the share of decoding in the work.
 
 It also reports whether batched and batch-size-1 outputs agree. Results are printed and written to
 ``bench/results/generation_batch.json``.
@@ -51,24 +55,28 @@ def main() -> dict:
     from mora_dist.evaluation.generation import task_max_new_tokens
     from mora_dist.models import load_model, load_tokenizer
 
-    path = DATA / "FOMC" / "eval.json"
-    if not path.is_file():
-        raise SystemExit(f"benchmark data missing: {path}")
-    examples = json.loads(path.read_text(encoding="utf-8"))
+    examples = {}
+    for task in ("FOMC", "NumGLUE-ds"):
+        path = DATA / task / "eval.json"
+        if not path.is_file():
+            raise SystemExit(f"benchmark data missing: {path}")
+        examples[task] = json.loads(path.read_text(encoding="utf-8"))
     tok = load_tokenizer("smollm2-135m-instruct")
     model = load_model("smollm2-135m-instruct").eval()
-    measure(model, tok, [examples[0]["prompt"]], 2, 1)  # warm-up
+    measure(model, tok, [examples["FOMC"][0]["prompt"]], 2, 1)  # warm-up
 
-    settings = {"in_domain": (args.n, task_max_new_tokens("FOMC")), "long_answers": (args.n_long, 48)}
-    results: dict = {"model": "smollm2-135m-instruct", "task": "FOMC (eval split)", "batch_size": args.batch_size,
+    settings = {"in_domain": ("FOMC", args.n, task_max_new_tokens("FOMC")),
+                "long_answers": ("FOMC", args.n_long, 48),
+                "decode_bound": ("NumGLUE-ds", args.n_long, 96)}
+    results: dict = {"model": "smollm2-135m-instruct", "batch_size": args.batch_size,
                      "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                      "settings": {}}
-    for name, (n, max_new) in settings.items():
-        prompts = [ex["prompt"] for ex in examples[:n]]
+    for name, (task, n, max_new) in settings.items():
+        prompts = [ex["prompt"] for ex in examples[task][:n]]
         t1, out1 = measure(model, tok, prompts, max_new, 1)
         tb, outb = measure(model, tok, prompts, max_new, args.batch_size)
-        row = {"n_examples": len(prompts), "max_new_tokens": max_new,
+        row = {"task": task, "n_examples": len(prompts), "max_new_tokens": max_new,
                "prompt_tokens_mean": sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts),
                "bs1_seconds": t1, "batched_seconds": tb,
                "bs1_examples_per_s": len(prompts) / t1, "batched_examples_per_s": len(prompts) / tb,

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data"))
-CL_DATA = SHARED_DATA / "llm-cl-benchmark-500"
+# The TRACE-style task folders (the same variable the configs read).
+CL_DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data" / "llm-cl-benchmark-500"))
 
 
 def tiny_llama_config(**overrides):
@@ -62,3 +62,25 @@ def _hygiene():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A local Hugging Face folder: a tiny random Llama with SmolLM2's real tokenizer (for fast end-to-end runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mora_dist.models import ModelSourceError, load_tokenizer
+
+    try:
+        tok = load_tokenizer("smollm2-135m-instruct")
+    except ModelSourceError as err:  # pragma: no cover
+        pytest.skip(str(err))
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(path)
+    return path

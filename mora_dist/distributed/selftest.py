@@ -70,18 +70,23 @@ def parse(argv=None):
     p.add_argument("--stat-examples", type=int, default=8)
     p.add_argument("--instrument", action="store_true", help="record collectives per phase")
     p.add_argument("--check-frozen", action="store_true", help="compare base and frozen blocks before/after")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--resume", help="an adapter folder (saved at any world size) to load before training")
+    p.add_argument("--first-task", type=int, default=0, help="index of the first task to train (with --resume)")
     return p.parse_args(argv)
 
 
 def run_config(args):
-    from mora_dist.config import DistributedConfig, PruneConfig, RunConfig, TrainConfig
+    from mora_dist.config import DistributedConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
     from mora_dist.mora import MoRAConfig
 
     return RunConfig(
+        model=ModelConfig(dtype=args.dtype),
         mora=MoRAConfig(r_task=4, k=3, dropout=0.0, tau=0.3, delta=0.2),
         train=TrainConfig(lr=args.lr, micro_batch_size=args.micro, global_batch_size=args.global_batch,
                           grad_clip=1.0, schedule="cosine", seed=args.seed),
-        distributed=DistributedConfig(zero_stage=args.stage),
+        distributed=DistributedConfig(zero_stage=args.stage, offload_optimizer=args.offload_optimizer),
         prune=PruneConfig(enabled=True, min_usage=0.3, min_mass_share=0.1, min_keep=1))
 
 
@@ -108,8 +113,8 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
 
     from mora_dist.distributed import stats as S
     from mora_dist.mora import (
-        add_block, adapter_state_dict, freeze_blocks, inject_mora, is_adapter_parameter, save_adapter,
-        trainable_parameters,
+        add_block, adapter_state_dict, freeze_blocks, inject_mora, is_adapter_parameter, load_adapter,
+        save_adapter, trainable_parameters,
     )
 
     cfg = run_config(args)
@@ -126,13 +131,18 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
             raise SystemExit("--engine torch is the one-process reference")
         model = LlamaForCausalLM.from_pretrained(args.model)
     inject_mora(model, cfg.mora)
+    if args.resume:
+        if ds:
+            E.load_adapter_distributed(model, args.resume)
+        else:
+            load_adapter(model, args.resume)
     label = {"now": "setup"}
     model.register_forward_pre_hook(lambda m, a: setattr(log, "current", label["now"] + "_forward"), prepend=True)
     model.register_forward_hook(lambda m, a, o: setattr(log, "current", label["now"]), always_call=True)
 
     tasks = []
     G = args.global_batch
-    for t in range(args.tasks):
+    for t in range(args.first_task, args.tasks):
         name = f"task{t}"
         examples = task_examples(t, args.steps * G, args.seed)
         mine = micro_batches(examples, args.micro, rank, world)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,7 +50,8 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
 
     Returns:
         ``{"layers": {name: {"selected", "weight_sum", "mass": float64 tensors (R,), "tokens": int,
-        "block_names", "block_sizes", "block_scales"}}, "world_size": n}``.
+        "block_names", "block_sizes", "block_scales"}}, "world_size": n, "allreduce_seconds": s,
+        "allreduce_bytes": b}``.
     """
     bare = _bare(model)
     forward = forward or model
@@ -81,8 +83,10 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
         bare.train(was_training)
     # one all-reduce for the whole task: every layer's sums flattened into one tensor
     flat = torch.cat([torch.cat([local[n][k] for k in SUM_KEYS] + [local[n]["tokens"]]) for n in layers])
+    t0 = time.perf_counter()
     if world > 1:
         dist.all_reduce(flat)
+    seconds = time.perf_counter() - t0
     flat = flat.cpu()
     out, offset = {}, 0
     for name, layer in layers.items():
@@ -96,7 +100,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
         entry.update(block_names=list(layer.block_names), block_sizes=list(layer.block_sizes),
                      block_scales=list(layer.block_scales))
         out[name] = entry
-    return {"layers": out, "world_size": world}
+    return {"layers": out, "world_size": world, "allreduce_seconds": seconds, "allreduce_bytes": flat.numel() * 8}
 
 
 def decide_pruning(stats: dict, model: nn.Module | None, prune_cfg, block: int = -1) -> dict:

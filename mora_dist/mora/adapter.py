@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mora_dist.faults import fault_point
 from mora_dist.mora.config import MoRAConfig
 from mora_dist.mora.model import adapter_state_dict, inject_mora, mora_layers
 
@@ -55,10 +56,21 @@ def describe_adapter(model: nn.Module) -> dict:
     }
 
 
+def _recover(directory: Path) -> None:
+    """Finish an interrupted replacement: a crash between moving the old folder aside and moving the new one
+    in leaves only ``.NAME.old-PID``; put it back."""
+    if directory.exists() or not directory.parent.is_dir():
+        return
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+    if olds:
+        os.replace(olds[-1], directory)
+
+
 def write_adapter(state: dict[str, torch.Tensor], description: dict, directory: str | os.PathLike) -> Path:
     """Write tensors and description atomically into ``directory`` (replaced if it exists)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
@@ -67,6 +79,7 @@ def write_adapter(state: dict[str, torch.Tensor], description: dict, directory: 
         for f in (WEIGHTS_NAME, CONFIG_NAME):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fault_point("adapter_write")  # both files written, not yet in place
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{os.getpid()}"
             os.replace(directory, old)
@@ -87,6 +100,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and description of an adapter folder, checked for consistency."""
     directory = Path(directory)
+    _recover(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
         raise AdapterError(f"{directory}: not an adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")

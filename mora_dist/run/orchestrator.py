@@ -28,6 +28,7 @@ from mora_dist import __version__
 from mora_dist.config import ConfigError, RunConfig, dump_config, load_config
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.data.tokenize import collate
+from mora_dist.faults import fault_point
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 from mora_dist.run.state import BASE_STAGE, RunDir, RunLock, RunState, task_key
 from mora_dist.training import batch_order, steps_for
@@ -94,13 +95,12 @@ class Orchestrator:
         if lim.time_budget is not None and self.elapsed() > lim.time_budget * 0.9:
             raise StopRun(f"time budget nearly spent ({self.elapsed():.0f}s of {lim.time_budget:.0f}s); next: {stage}")
 
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict:
         def handler(signum, frame):
             self.stop_signal = signum
             self.log(f"received signal {signum}: will checkpoint and exit")
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     # ------------------------------------------------------------------------------------------- run dir
     def _prepare_dir(self) -> None:
@@ -198,11 +198,7 @@ class Orchestrator:
     def stage_grow(self, index: int) -> dict:
         name = self.tasks[index]
         self.trainer.grow(name, seed=self.cfg.train.seed * 1000 + index)
-        ckpt = self.dir.ckpt(index, name)
-        self.trainer.save_adapter(ckpt / "adapter")
-        if self.main:
-            atomic_write_json(ckpt / "trainer_state.json", {"step": 0, "world_size": self.world})
-        self.trainer.barrier()
+        self.trainer.save_checkpoint(self.dir.ckpt(index, name), 0)
         return {}
 
     def stage_train(self, index: int) -> dict:
@@ -210,7 +206,7 @@ class Orchestrator:
         encoded, report = self._train_examples(index)
         steps, lr, gas = self._task_plan(index, len(encoded))
         ckpt = self.dir.ckpt(index, name)
-        start = int(read_json(ckpt / "trainer_state.json")["step"])
+        start = self.trainer.load_checkpoint(ckpt)
         self.trainer.begin(steps, lr)
         if start > 0:
             self.trainer.restore_optimizer(ckpt)  # optimizer and RNG exactly as at the checkpoint
@@ -227,6 +223,7 @@ class Orchestrator:
                 t_step = time.monotonic()
                 batches = self._micro_batches(encoded, order[step], gas)
                 loss = self.trainer.step(step, batches)
+                fault_point(f"train_step:{name}")
                 self._step_seconds = max(self._step_seconds, time.monotonic() - t_step)
                 tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches) * self.world
                 done = step + 1
@@ -371,7 +368,7 @@ class Orchestrator:
 
     def run(self) -> int:
         """Do the pending stages within the limits; returns the process exit code."""
-        self._install_signals()
+        previous_handlers = self._install_signals()
         lock = RunLock(self.dir.root) if self.main else None
         if lock is not None:
             self.dir.root.mkdir(parents=True, exist_ok=True)
@@ -396,6 +393,7 @@ class Orchestrator:
                     restored = True
                 t = time.monotonic()
                 info = self._run_stage(stage)
+                fault_point(f"before_mark:{stage}")
                 state.mark(stage, time.monotonic() - t, **({"info": info} if info else {}))
                 self.stages_run += 1
                 self.log(f"done {stage} in {time.monotonic() - t:.1f}s" + (f" {info}" if info else ""))
@@ -409,6 +407,8 @@ class Orchestrator:
         finally:
             if lock is not None:
                 lock.release()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
 
     def _run_stage(self, stage: str) -> dict:
         if stage == BASE_STAGE:

@@ -15,16 +15,44 @@ orchestrator reads the same either way:
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mora_dist.io import atomic_write_json, read_json
+from mora_dist.io import atomic_write_json, fsync_dir, read_json
 from mora_dist.mora import add_block, freeze_blocks, load_adapter, save_adapter, trainable_parameters
 from mora_dist.training import lr_factor
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint ``root/step-NNNNNN`` (complete ones only: they appear by a rename)."""
+    steps = sorted(Path(root).glob("step-*")) if Path(root).is_dir() else []
+    return steps[-1] if steps else None
+
+
+def checkpoint_tmp(root: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (any leftover of a crashed write is removed)."""
+    tmp = Path(root) / f".tmp-step-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int) -> Path:
+    """Move a fully written checkpoint into place, then drop the older ones."""
+    final = Path(root) / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in Path(root).glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 class LocalTrainer:
@@ -70,24 +98,30 @@ class LocalTrainer:
         self.model.eval()
         return total
 
-    def save_checkpoint(self, directory: Path, step: int) -> None:
-        """Adapter (with the active block), optimizer state and RNG state, so training resumes bit-exactly."""
-        directory = Path(directory)
-        save_adapter(self.model, directory / "adapter")
-        flat, meta = _flatten_optimizer(self.opt.state_dict())
-        flat["torch_rng_state"] = torch.get_rng_state()
-        save_file(flat, str(directory / ".trainer_state.tmp"))
-        os.replace(directory / ".trainer_state.tmp", directory / "trainer_state.safetensors")
-        atomic_write_json(directory / "trainer_state.json", {"step": step, "optimizer": meta})
+    def save_checkpoint(self, root: Path, step: int) -> Path:
+        """``root/step-N``: adapter (with the active block), optimizer and RNG state, so training resumes
+        bit-exactly; written to a temporary folder and renamed, so a checkpoint is complete or absent."""
+        tmp = checkpoint_tmp(root, step)
+        save_adapter(self.model, tmp / "adapter")
+        if self.opt is not None:
+            flat, meta = _flatten_optimizer(self.opt.state_dict())
+            flat["torch_rng_state"] = torch.get_rng_state()
+            save_file(flat, str(tmp / "trainer_state.safetensors"))
+        else:
+            meta = None
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "optimizer": meta, "world_size": 1})
+        return commit_checkpoint(root, tmp, step)
 
-    def load_checkpoint(self, directory: Path) -> int:
-        directory = Path(directory)
+    def load_checkpoint(self, root: Path) -> int:
+        """Load the newest checkpoint's adapter; returns its step."""
+        directory = latest_checkpoint(root)
+        if directory is None:
+            raise FileNotFoundError(f"{root}: no checkpoint")
         load_adapter(self.model, directory / "adapter", trainable_last=True)
-        info = read_json(directory / "trainer_state.json")
-        return info["step"]
+        return read_json(directory / "trainer_state.json")["step"]
 
-    def restore_optimizer(self, directory: Path) -> None:
-        directory = Path(directory)
+    def restore_optimizer(self, root: Path) -> None:
+        directory = latest_checkpoint(root)
         info = read_json(directory / "trainer_state.json")
         flat = load_file(str(directory / "trainer_state.safetensors"))
         torch.set_rng_state(flat.pop("torch_rng_state"))
@@ -171,29 +205,42 @@ class DeepSpeedTrainer:
 
         return eng.train_task(self.engine, micro_batches)[0]
 
-    def save_checkpoint(self, directory: Path, step: int) -> None:
+    def save_checkpoint(self, root: Path, step: int) -> Path:
+        """``root/step-N``: gathered adapter plus DeepSpeed's sharded engine state, renamed into place by rank 0
+        once every worker has written its shard."""
         from mora_dist.distributed import engine as eng
 
-        directory = Path(directory)
-        eng.save_adapter_distributed(self.model, directory / "adapter")
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="latest_step", save_latest=True)
+        tmp = Path(root) / f".tmp-step-{step:06d}"
         if self.env.is_main():
-            atomic_write_json(directory / "trainer_state.json", {"step": step, "world_size": self.world_size})
+            checkpoint_tmp(root, step)
         self.env.barrier()
+        eng.save_adapter_distributed(self.model, tmp / "adapter")
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        self.env.barrier()
+        final = Path(root) / f"step-{step:06d}"
+        if self.env.is_main():
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": self.world_size})
+            commit_checkpoint(root, tmp, step)
+        self.env.barrier()
+        return final
 
-    def load_checkpoint(self, directory: Path) -> int:
+    def load_checkpoint(self, root: Path) -> int:
         from mora_dist.distributed import engine as eng
 
-        info = read_json(Path(directory) / "trainer_state.json")
+        directory = latest_checkpoint(root)
+        if directory is None:
+            raise FileNotFoundError(f"{root}: no checkpoint")
+        info = read_json(directory / "trainer_state.json")
         if info.get("world_size", self.world_size) != self.world_size:
             raise RuntimeError(f"{directory}: a mid-task checkpoint written by {info['world_size']} workers cannot "
                                f"resume on {self.world_size}; finish the task with {info['world_size']} workers")
         eng.load_adapter_distributed(self.model, Path(directory) / "adapter", trainable_last=True)
         return info["step"]
 
-    def restore_optimizer(self, directory: Path) -> None:
-        self.engine.load_checkpoint(str(Path(directory) / "deepspeed"), tag="latest_step",
-                                    load_module_strict=False)
+    def restore_optimizer(self, root: Path) -> None:
+        directory = latest_checkpoint(root)
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
 
     def end(self) -> None:
         from mora_dist.distributed import engine as eng

@@ -1,0 +1,286 @@
+"""One-process tests of the distributed package: launcher discovery and its errors, the derived DeepSpeed
+config and its errors, launch command generation (hostfile, Slurm, deepspeed, torchrun, mpirun), and the
+statistics / pruning functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_llama_config
+from mora_dist.config import ConfigError, DistributedConfig, PruneConfig, TrainConfig
+from mora_dist.distributed import env as E
+from mora_dist.distributed import launch_cmd as L
+from mora_dist.distributed import stats as S
+
+
+# ------------------------------------------------------------------------------------------- discovery
+class FakeMPI:
+    def __init__(self, rank=0, size=2, hosts=("a", "a")):
+        self.rank, self.size, self.local_rank, self.hostnames = rank, size, rank, list(hosts)
+
+    def bcast(self, value):
+        return 4242 if value is None else value
+
+
+def test_discover_single_and_torchrun():
+    assert E.discover({}).launcher == "single"
+    info = E.discover({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"})
+    assert (info.rank, info.world_size, info.local_rank, info.master_port, info.launcher) == (1, 2, 1, 29500, "env")
+
+
+@pytest.mark.parametrize("env, names", [
+    ({"RANK": "0"}, ["RANK", "WORLD_SIZE"]),
+    ({"WORLD_SIZE": "2"}, ["WORLD_SIZE", "RANK"]),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["RANK=2", "WORLD_SIZE=2"]),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, ["RANK='x'"]),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["LOCAL_RANK"]),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "1"}, ["MASTER_ADDR"]),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}, ["MASTER_PORT", "export"]),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "99999"},
+     ["MASTER_PORT=99999"]),
+])
+def test_discover_rejects_inconsistent_env_naming_the_variable(env, names):
+    with pytest.raises(E.DistributedEnvError) as err:
+        E.discover(env)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_discover_mpi_uses_mpi4py_and_loopback_on_one_host():
+    info = E.discover({"PMI_RANK": "1", "PMI_SIZE": "2"}, mpi=lambda: FakeMPI(rank=1))
+    assert (info.rank, info.world_size, info.master_addr, info.master_port, info.launcher) == \
+        (1, 2, "127.0.0.1", 4242, "mpi")
+    kept = E.discover({"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234"},
+                      mpi=lambda: FakeMPI(rank=1))
+    assert (kept.master_addr, kept.master_port) == ("10.0.0.5", 1234)  # an address already set is respected
+    multi = E.discover({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"},
+                       mpi=lambda: FakeMPI(rank=1, hosts=("n1", "n2")))
+    assert multi.master_addr == "n1"  # rank 0's host name on several nodes
+
+
+@pytest.mark.parametrize("env, fake, names", [
+    ({"PMI_SIZE": "2", "WORLD_SIZE": "4"}, FakeMPI(), ["WORLD_SIZE=4", "mpiexec -n 4"]),
+    ({"PMI_SIZE": "2", "RANK": "1"}, FakeMPI(rank=0), ["RANK=1", "MPI rank 0"]),
+    ({"PMI_SIZE": "3"}, FakeMPI(size=2), ["PMI_SIZE=3", "mpi4py"]),
+])
+def test_discover_mpi_mismatches(env, fake, names):
+    with pytest.raises(E.DistributedEnvError) as err:
+        E.discover(env, mpi=lambda: fake)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_init_distributed_fails_before_forming_a_group(monkeypatch):
+    for var in E.MPI_SIZE_VARS + ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(E.DistributedEnvError, match="WORLD_SIZE"):
+        E.init_distributed()
+    assert not torch.distributed.is_initialized()
+
+
+def test_selftest_with_bad_env_exits_before_training(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env.update(RANK="3", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "mora_dist.distributed.selftest", "--model", "none",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "DistributedEnvError: RANK=3 is outside 0..WORLD_SIZE-1" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing was trained or written
+
+
+# ------------------------------------------------------------------------------------------- ds_config
+def _ds(train=None, dist=None, dtype="float32", world=2, **kw):
+    from mora_dist.distributed.engine import ds_config
+
+    return ds_config(train or TrainConfig(micro_batch_size=2), dist or DistributedConfig(), dtype, world, **kw)
+
+
+def test_ds_config_batch_arithmetic_precision_and_offload():
+    cfg = _ds(TrainConfig(micro_batch_size=2, global_batch_size=16, grad_clip=0.5), world=2)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) \
+        == (2, 4, 16)
+    assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"]["stage"] == 2
+    assert "bf16" not in cfg and "fp16" not in cfg and "optimizer" not in cfg
+    assert _ds(dtype="bfloat16")["bf16"] == {"enabled": True}
+    assert _ds(dtype="float16")["fp16"]["enabled"]
+    z3 = _ds(dist=DistributedConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
+             persistence_threshold=0)
+    zo = z3["zero_optimization"]
+    assert zo["stage"] == 3 and zo["offload_param"]["device"] == "cpu" and zo["offload_optimizer"]["device"] == "cpu"
+    assert zo["stage3_param_persistence_threshold"] == 0
+    assert z3["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam for offloaded states
+    assert _ds(TrainConfig(micro_batch_size=3), world=4)["train_batch_size"] == 12
+
+
+def test_ds_config_rejects_bad_input_before_training():
+    with pytest.raises(ConfigError, match="global_batch_size=6"):
+        _ds(TrainConfig(micro_batch_size=2, global_batch_size=6), world=2)
+    with pytest.raises(ConfigError, match="zero_stage=4"):
+        DistributedConfig(zero_stage=4)
+    bad = DistributedConfig()
+    bad.zero_stage = 5  # mutated after validation: still caught where the engine is built
+    with pytest.raises(ConfigError, match="zero_stage=5"):
+        _ds(dist=bad)
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        _ds(dist=DistributedConfig(zero_stage=0, offload_optimizer=True))
+    with pytest.raises(ConfigError, match="dtype"):
+        _ds(dtype="int8")
+
+
+# ---------------------------------------------------------------------------------------- launch commands
+def test_expand_slurm_nodelist_and_hostfile():
+    assert L.expand_nodelist("gpu[08-10,12],login1") == ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]
+    assert L.expand_nodelist("n[1-2]-ib") == ["n1-ib", "n2-ib"]
+    assert L.expand_nodelist("single") == ["single"]
+    text = L.hostfile_text(L.expand_nodelist("node[01-02]"), 4)
+    assert text == "node01 slots=4\nnode02 slots=4\n"
+    assert L.parse_hostfile("# c\n" + text + "\n") == [("node01", 4), ("node02", 4)]
+    assert L.parse_hostfile((REPO / "launch" / "hostfile.example").read_text()) == [("node01", 4), ("node02", 4)]
+    with pytest.raises(ValueError, match="slots"):
+        L.hostfile_text(["a"], 0)
+    with pytest.raises(ValueError, match="duplicate"):
+        L.hostfile_text(["a", "a"], 1)
+    with pytest.raises(ValueError, match="line 1"):
+        L.parse_hostfile("node01 4")
+
+
+def test_launcher_command_lines():
+    args = ["run", "c.yaml", "train.lr=1e-4"]
+    assert L.deepspeed_cmd(args, gpus=2) == [
+        "deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", "29500", "--no_local_rank",
+        "--module", "mora_dist", *args]
+    multi = L.deepspeed_cmd(args, hostfile="hf", launcher="slurm", master_addr="n1")
+    assert multi[:7] == ["deepspeed", "--hostfile", "hf", "--launcher", "slurm", "--master_addr", "n1"]
+    assert "--num_gpus" not in multi
+    assert L.torchrun_cmd(args, nproc=2, master_port=1234) == [
+        "torchrun", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", "1234",
+        "-m", "mora_dist", *args]
+    tr = L.torchrun_cmd(args, nproc=4, nnodes=2, master_addr="n1", node_rank=1)
+    assert "--rdzv_endpoint" in tr and tr[tr.index("--rdzv_endpoint") + 1] == "n1:29500" and "--node_rank" in tr
+    assert L.mpirun_cmd(args, n=2, python="py") == ["mpiexec", "-n", "2", "py", "-m", "mora_dist", *args]
+    assert L.mpirun_cmd(args, n=4, hosts=["a", "b"], python="py", master_addr="a", master_port=5)[:9] == [
+        "mpiexec", "-n", "4", "-hosts", "a,b", "-genv", "MASTER_ADDR", "a", "-genv"]
+    srun = L.srun_torchrun_cmd(args, nodes=2, gpus_per_node=4, master_addr="n1")
+    assert srun[:6] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "bash"]
+    assert "--rdzv_id ${SLURM_JOB_ID}" in srun[-1] and "--nnodes 2" in srun[-1]
+
+
+def test_slurm_sbatch_builds_hostfile_and_calls_deepspeed(tmp_path):
+    """Run launch/slurm.sbatch with fake scontrol/deepspeed/srun on PATH (no Slurm here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2 $3\" = \"show hostnames gpu[1-2]\" ] && "
+                                      "printf 'gpu1\\ngpu2\\n'\n")
+    for tool in ("deepspeed", "torchrun"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\" > {tmp_path}/{tool}.args\n")
+    # srun runs its command (one task here): the inner torchrun line must expand SLURM_JOB_ID on the node
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho srun \"$@\" > {tmp_path}/srun.args\nshift 4\nexec \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SLURM_JOB_NODELIST="gpu[1-2]", SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="4", SLURM_JOB_NUM_NODES="2",
+               PYTHONPATH=str(REPO))
+    for launcher, tool in (("deepspeed", "deepspeed"), ("torchrun", "torchrun")):
+        env["MORA_LAUNCHER"] = launcher
+        proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "cfg.yaml", "train.lr=1e-4"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        called = (tmp_path / f"{tool}.args").read_text().split()
+        assert called[-3:] == ["run", "cfg.yaml", "train.lr=1e-4"]
+        if tool == "deepspeed":
+            assert called[1:5] == ["--hostfile", "runs/slurm/hostfile-77", "--launcher", "slurm"]
+            assert "gpu1" in called
+        else:
+            assert "--rdzv_endpoint" in called and "gpu1:29500" in called and "77" in called
+            assert (tmp_path / "srun.args").read_text().split()[:5] == ["srun", "--nodes", "2",
+                                                                         "--ntasks-per-node", "1"]
+    assert (tmp_path / "runs/slurm/hostfile-77").read_text() == "gpu1 slots=4\ngpu2 slots=4\n"
+
+
+def test_launch_cmd_cli(capsys):
+    L.main(["hostfile", "--slurm-nodelist", "a[1-2]", "--slots", "2"])
+    assert capsys.readouterr().out == "a1 slots=2\na2 slots=2\n"
+    L.main(["torchrun", "--nproc", "2", "--", "run", "my config.yaml"])
+    assert capsys.readouterr().out.strip().endswith("-m mora_dist run 'my config.yaml'")
+
+
+# -------------------------------------------------------------------------------------- stats and pruning
+def _stats(selected, mass, tokens=100, sizes=(2, 4)):
+    R = sum(sizes)
+    return {"world_size": 1, "layers": {"l0": {
+        "selected": torch.tensor(selected, dtype=torch.float64), "weight_sum": torch.zeros(R, dtype=torch.float64),
+        "mass": torch.tensor(mass, dtype=torch.float64), "tokens": tokens, "block_names": ["t0", "t1"],
+        "block_sizes": list(sizes), "block_scales": [2.0, 2.0]}}}
+
+
+def test_decide_pruning_thresholds_min_keep_and_hash():
+    cfg = PruneConfig(min_usage=0.1, min_mass_share=0.2, min_keep=1)
+    # new block = experts 2..5: usage 0.5, 0.05 (low), 0.5, 0.5; mass shares 0.5, 0.3, 0.1 (low), 0.1 (low)
+    st = _stats([9, 9, 50, 5, 50, 50], [1, 1, 5, 3, 1, 1])
+    d = S.decide_pruning(st, None, cfg)
+    assert d["block"] == 1 and d["block_name"] == "t1"
+    assert d["layers"]["l0"] == {"remove": [1, 2, 3], "keep": [0]}
+    assert d["hash"] == S.decide_pruning(_stats([9, 9, 50, 5, 50, 50], [1, 1, 5, 3, 1, 1]), None, cfg)["hash"]
+    keep3 = S.decide_pruning(st, None, PruneConfig(min_usage=0.1, min_mass_share=0.2, min_keep=3))
+    assert keep3["layers"]["l0"]["keep"] == [0, 1, 2]  # strongest by mass, ties to the lower index
+    assert keep3["hash"] != d["hash"]
+    off = S.decide_pruning(st, None, PruneConfig(enabled=False))
+    assert off["layers"]["l0"]["remove"] == []
+    assert S.decide_pruning(_stats([0] * 6, [0] * 6, tokens=0), None, cfg)["layers"]["l0"]["remove"] == []
+
+
+def _tiny_mora():
+    from transformers import LlamaForCausalLM
+
+    from mora_dist.mora import MoRAConfig, add_block, inject_mora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    inject_mora(model, MoRAConfig(r_task=4, k=2, tau=0.3, dropout=0.0))
+    add_block(model, "t0")
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
+    from mora_dist.distributed.selftest import collate
+    from mora_dist.mora import mora_layers
+
+    model = _tiny_mora()
+    g = torch.Generator().manual_seed(1)
+    ex = [torch.randint(1, 128, (n,), generator=g) for n in (5, 16, 9, 12)]
+    b1, b2 = collate(ex[:2]), collate(ex[2:])
+    both = S.collect_statistics(model, [b1, b2])
+    one, two = S.collect_statistics(model, [b1]), S.collect_statistics(model, [b2])
+    for name, e in both["layers"].items():
+        assert e["tokens"] == 5 + 16 + 9 + 12  # padding excluded
+        assert torch.equal(e["selected"], one["layers"][name]["selected"] + two["layers"][name]["selected"])
+        torch.testing.assert_close(e["mass"], one["layers"][name]["mass"] + two["layers"][name]["mass"])
+        assert e["selected"].sum() > 0
+    assert all(layer.stats is None and layer.stats_token_mask is None
+               for layer in mora_layers(model).values())
+    decision = S.decide_pruning(both, model, PruneConfig(min_usage=0.3, min_mass_share=0.2, min_keep=1))
+    path = S.write_statistics(tmp_path, "t0", both, decision)
+    record = json.loads(path.read_text())
+    assert record["decision"]["hash"] == decision["hash"]
+    first = next(iter(record["layers"].values()))
+    assert first["blocks"][0]["name"] == "t0" and len(first["blocks"][0]["usage"]) == 4
+    removed = S.apply_pruning(model, decision)
+    assert removed == sum(len(v["remove"]) for v in decision["layers"].values()) > 0
+    for name, layer in mora_layers(model).items():
+        assert layer.block_sizes == [len(decision["layers"][name]["keep"])]
+    with pytest.raises(ValueError, match="do not match"):
+        S.decide_pruning(both, model, PruneConfig())  # the bank changed since the statistics were taken

@@ -1,0 +1,212 @@
+"""The orchestrator: a full stream, resume after crashes at chosen moments, signals, locks, limits, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import CL_DATA, REPO
+from mora_dist.config import load_config
+from mora_dist.run.orchestrator import EXIT_INTERRUPTED, Limits, Orchestrator
+from mora_dist.run.state import RunLock, RunStateError, all_stages
+
+pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
+TASKS = ["FOMC", "NumGLUE-cm"]
+
+
+def write_config(tmp_path: Path, model_dir: Path, run_dir: Path, data_root: Path = CL_DATA, **extra) -> Path:
+    cfg = {
+        "run_dir": str(run_dir),
+        "model": {"name": str(model_dir), "max_length": 96},
+        "mora": {"r_task": 4, "k": 4},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "max_examples": 16, "checkpoint_every": 2,
+                  "lr": 5e-3},
+        "prune": {"max_examples": 8, "min_usage": 0.05},
+        "eval": {"max_examples": 4, "batch_size": 4},
+        "data": {"root": str(data_root)},
+        "tasks": [{"name": "FOMC", "max_new_tokens": 3}, {"name": "NumGLUE-cm", "max_new_tokens": 4}],
+    }
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(config: Path, *args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MORA_DIST_FAULT", None)
+    if fault:
+        env["MORA_DIST_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "mora_dist", "run", str(config), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def results(run_dir: Path) -> dict:
+    """What a finished run produced: the final adapter, every stage's scores and predictions, the decisions."""
+    out = {"adapter": load_file(str(run_dir / "adapters" / "01-NumGLUE-cm" / "adapter.safetensors"))}
+    for f in sorted((run_dir / "eval").glob("stage_*.json")):
+        data = json.loads(f.read_text())
+        out[f.name] = data if f.name.endswith("samples.json") else data["mora_dist"]["in_domain"]
+    for f in sorted((run_dir / "stats").glob("*.json")):
+        out[f.name] = json.loads(f.read_text())["decision"]["hash"]
+    out["report"] = json.loads((run_dir / "report" / "report.json").read_text())["matrix"]
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "adapter":
+            assert a[k].keys() == b[k].keys()
+            for t in a[k]:
+                assert (a[k][t] == b[k][t]).all(), t  # bit-identical
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted run, the yardstick of every resumed one."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = write_config(tmp, tiny_model_dir, tmp / "ref")
+    proc = cli(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "ref", results(tmp / "ref"), proc
+
+
+def test_full_run_writes_everything(reference):
+    run_dir, res, proc = reference
+    state = json.loads((run_dir / "state.json").read_text())
+    assert [d["stage"] for d in state["done"]] == all_stages(TASKS)
+    for name in ("config.yaml", "version.json", "report/report.json", "report/report.md",
+                 "report/accuracy_matrix.png", "adapters/00-FOMC/adapter.json", "stats/00-FOMC.json"):
+        assert (run_dir / name).is_file(), name
+    adapter = json.loads((run_dir / "adapters/01-NumGLUE-cm/adapter.json").read_text())
+    assert [b["name"] for b in adapter["blocks"]] == TASKS and adapter["active_block"] is False
+    matrix = json.loads((run_dir / "report/report.json").read_text())["matrix"]
+    assert len(matrix) == 3 and all(v is not None for v in matrix[0])  # base row: every task
+    assert matrix[1][1] is not None  # the next task is evaluated too (FWT)
+
+
+def test_finished_run_does_nothing(reference, tiny_model_dir, tmp_path):
+    run_dir, res, _ = reference
+    before = (run_dir / "state.json").read_text()
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir)
+    proc = cli(cfg)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    assert (run_dir / "state.json").read_text() == before
+
+
+@pytest.mark.parametrize("fault", [
+    "train_step:FOMC#3",  # mid-task, after the step-2 checkpoint
+    "adapter_write#4",  # inside a checkpoint write (files written, not yet in place)
+    "before_mark:01-NumGLUE-cm/stats",  # the statistics are written, the stage not yet recorded
+    "train_step:NumGLUE-cm#2=TERM",  # SIGTERM: checkpoint at once and exit 75
+])
+def test_crash_and_resume_gives_identical_results(reference, tiny_model_dir, tmp_path, fault):
+    _, expected, _ = reference
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir)
+    crashed = cli(cfg, fault=fault)
+    if fault.endswith("=TERM"):
+        assert crashed.returncode == EXIT_INTERRUPTED, crashed.stderr[-2000:]
+        assert "rerun the same command to resume" in crashed.stdout
+    else:
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    resumed = cli(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = json.loads((run_dir / "state.json").read_text())["done"]
+    assert [d["stage"] for d in done] == all_stages(TASKS)
+    assert_same(results(run_dir), expected)
+
+
+def test_kill_at_random_moments(reference, tiny_model_dir, tmp_path):
+    """SIGKILL from outside at seeded random times, resume after each, until the run completes."""
+    _, expected, _ = reference
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir)
+    rng = random.Random(7)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "mora_dist", "run", str(cfg)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))  # imports take ~4 s; then a stage is under way
+        proc.kill()
+        proc.wait()
+    final = cli(cfg)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert_same(results(run_dir), expected)
+
+
+def test_bounded_work_and_until_task(reference, tiny_model_dir, tmp_path):
+    _, expected, _ = reference
+    run_dir = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, run_dir))
+    assert Orchestrator(cfg, Limits(max_stages=3)).run() == 0
+    assert len(json.loads((run_dir / "state.json").read_text())["done"]) == 3
+    assert Orchestrator(cfg, Limits(until_task="FOMC")).run() == 0
+    done = [d["stage"] for d in json.loads((run_dir / "state.json").read_text())["done"]]
+    assert done[-1] == "00-FOMC/report" and len(done) == 8
+    assert Orchestrator(cfg, Limits(time_budget=1e6)).run() == 0
+    assert_same(results(run_dir), expected)
+
+
+def test_second_job_on_same_directory_names_the_holder(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg_path = write_config(tmp_path, tiny_model_dir, run_dir)
+    with RunLock(run_dir):
+        proc = cli(cfg_path)
+    assert proc.returncode == 2
+    assert f"in use by another job: pid {os.getpid()}" in proc.stderr
+    with RunLock(run_dir):
+        with pytest.raises(RunStateError, match="in use by another job"):
+            Orchestrator(load_config(cfg_path)).run()
+
+
+def test_changed_config_is_refused(reference, tiny_model_dir, tmp_path):
+    run_dir, _, _ = reference
+    proc = cli(write_config(tmp_path, tiny_model_dir, run_dir), "train.lr=0.1")
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "another config" in proc.stderr
+
+
+def test_bad_data_fails_clearly_and_stays_resumable(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    for task in TASKS:
+        (data / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            (data / task / f"{split}.json").write_text((CL_DATA / task / f"{split}.json").read_text())
+    good = (data / "NumGLUE-cm" / "train.json").read_text()
+    (data / "NumGLUE-cm" / "train.json").write_text(good.replace('"answer"', '"answer" "answer"', 1))
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir, data_root=data)
+    proc = cli(cfg)
+    assert proc.returncode == 2
+    assert "NumGLUE-cm/train.json: malformed JSON at line" in proc.stderr
+    done = [d["stage"] for d in json.loads((run_dir / "state.json").read_text())["done"]]
+    assert done[-1] == "01-NumGLUE-cm/grow"  # everything before the bad task is kept
+    (data / "NumGLUE-cm" / "train.json").write_text(good)
+    proc = cli(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_long_answers_are_counted(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "T").mkdir(parents=True)
+    rows = [{"prompt": f"q{i}", "answer": "A"} for i in range(6)] + [{"prompt": "q", "answer": "word " * 200}]
+    for split in ("train", "test"):
+        (data / "T" / f"{split}.json").write_text(json.dumps(rows))
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir, data_root=data, tasks=[{"name": "T"}])
+    assert Orchestrator(load_config(cfg), Limits(max_stages=3)).run() == 0
+    info = json.loads((run_dir / "state.json").read_text())["done"][2]["info"]
+    assert info["data"]["skipped_long_answers"] == 1 and info["data"]["examples"] == 6
