@@ -5,4 +5,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/launch/setup.sh"
 cd "$ROOT"
-mora-dist demo "$@"
+mora-dist run configs/quickstart.yaml "$@"

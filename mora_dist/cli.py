@@ -4,6 +4,7 @@ Subcommands:
     run       run or resume a task stream from a config (also: python -m mora_dist run ...)
     status    stages done and pending, current task and step, last metrics of a run directory
     report    rebuild a run directory's report from its stored results
+    eval      evaluate a base model plus a saved adapter on tasks of a config and/or a general suite
     demo      train MoRA briefly on a short stream of real tasks, save the adapter, reload it, generate
     generate  greedy generation from a base model plus an optional saved adapter
     validate  print the resolved run config (YAML + overrides)
@@ -46,6 +47,49 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from mora_dist.config import load_config
+    from mora_dist.data import load_task_examples
+    from mora_dist.evaluation.generation import evaluate_task
+    from mora_dist.evaluation.results import build_stage_results
+    from mora_dist.inference import load_for_inference
+    from mora_dist.io import atomic_write_json
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    model_name = args.model or (cfg.model.name if cfg else "smollm2-135m-instruct")
+    model, tok = load_for_inference(model_name, args.adapter, dtype=cfg.model.dtype if cfg else "float32")
+    in_domain = {}
+    if cfg is not None:
+        wanted = set(args.tasks.split(",")) if args.tasks else None
+        for task in cfg.tasks:
+            if wanted and task.name not in wanted:
+                continue
+            examples = load_task_examples(task, cfg.data.root, cfg.eval.split)
+            in_domain[task.name] = evaluate_task(
+                model, tok, examples, task.metric, task=task.name, max_new_tokens=task.max_new_tokens,
+                batch_size=cfg.eval.batch_size, limit=cfg.eval.max_examples, seed=cfg.eval.seed,
+                chat_template=cfg.eval.chat_template, max_prompt_tokens=cfg.model.max_length)
+            print(f"{task.name}: {in_domain[task.name].metric} = {in_domain[task.name].score:.4f}")
+    general = None
+    suite = args.general.split(",") if args.general else (cfg.eval.general if cfg else [])
+    if suite:
+        from mora_dist.evaluation.suite import run_general_suite
+
+        general = run_general_suite(model, tok, suite, limit=args.limit or (cfg.eval.general_limit if cfg else None))
+        for name, res in general["results"].items():
+            print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
+    result = build_stage_results(0, None, in_domain, general, config={"model": model_name, "adapter": args.adapter})
+    if args.output:
+        atomic_write_json(Path(args.output), result)
+        print(f"results written to {args.output}")
+    else:
+        print(json.dumps(result.get("results", {}), indent=2, default=str))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from mora_dist.inference import generate, load_for_inference
 
@@ -84,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild the report of a run directory from stored results")
     rp.add_argument("run_dir")
     rp.set_defaults(func=_cmd_report)
+
+    e = sub.add_parser("eval", help="evaluate a model (plus an adapter) on a config's tasks and/or a general suite")
+    e.add_argument("--config", default=None, help="run config whose tasks and eval settings to use")
+    e.add_argument("--model", default=None, help="base model (default: the config's, or smollm2-135m-instruct)")
+    e.add_argument("--adapter", default=None, help="adapter folder, e.g. RUN_DIR/adapters/02-arc_easy")
+    e.add_argument("--tasks", default=None, help="comma-separated subset of the config's tasks")
+    e.add_argument("--general", default=None, help="comma-separated lm-eval tasks (local: local_arc_easy, ...)")
+    e.add_argument("--limit", type=int, default=None, help="documents per general task")
+    e.add_argument("--output", default=None, help="write lm-eval-style results JSON here")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    e.set_defaults(func=_cmd_eval)
 
     v = sub.add_parser("validate", help="print the resolved run config")
     v.add_argument("config")

@@ -169,7 +169,7 @@ class TaskConfig:
         path: the task's folder or file (relative paths are under ``data.root``); for ``olmo`` the task name.
         prompt_field, answer_field: field names for ``jsonl`` and ``datasets`` sources.
         metric: in-domain metric; null picks the task's default.
-        max_new_tokens: generation length in evaluation.
+        max_new_tokens: generation length in evaluation; null picks the default of the task (see evaluation).
         epochs, max_steps, lr: per-task overrides of ``train``.
     """
 
@@ -179,7 +179,7 @@ class TaskConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     metric: str | None = None
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None
     epochs: float | None = None
     max_steps: int | None = None
     lr: float | None = None

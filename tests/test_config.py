@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mora_dist.cli import main
@@ -59,3 +61,25 @@ def test_validate_command_prints_resolved_config(tmp_path, capsys):
     assert "k: 2" in out and "seed: 7" in out
     assert main(["validate", str(p), "mora.kk=1"]) == 2
     assert "did you mean mora.k" in capsys.readouterr().err
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load_and_their_data_exists(path):
+    from mora_dist.config import load_config
+    from mora_dist.data import load_task_examples
+
+    cfg = load_config(path)
+    assert cfg.tasks, path
+    cfg.train.gradient_accumulation(1)
+    for task in cfg.tasks:
+        if task.source == "trace" and not Path(cfg.data.root).is_dir():
+            pytest.skip(f"data root missing: {cfg.data.root}")
+        assert load_task_examples(task, cfg.data.root, "train", limit=2)
+        assert load_task_examples(task, cfg.data.root, cfg.eval.split, limit=2)
+
+
+def test_all_three_configs_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"quickstart.yaml", "trace.yaml", "standard_cl.yaml"}

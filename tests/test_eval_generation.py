@@ -79,3 +79,29 @@ def test_evaluate_task_scores_predictions(tiny_llama):
     assert res.score == pytest.approx(M.exact_number(preds, refs))
     assert [r["score"] for r in res.predictions] == [M.exact_number([p], [r]) for p, r in zip(preds, refs)]
     assert all(len(tok.encode(p)) <= 8 for p in preds)  # NumGLUE-ds budget: 8 new tokens
+
+
+def test_live_lm_generate_until_cuts_at_stop_strings():
+    """LiveLM.generate_until: greedy, per-request budgets and stop strings, outputs in request order."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from transformers import LlamaForCausalLM
+
+    from mora_dist.evaluation.generation import generate_texts
+    from mora_dist.evaluation.lm_eval_adapter import LiveLM
+    from tests.conftest import tiny_llama_config
+    from tests.test_eval_distributed import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    prompts = ["Hello", "abc def", "Q: 1+1?"]
+    free = generate_texts(model, tok, prompts, max_new_tokens=8, batch_size=1)
+    stop = free[1][2]  # a character that the second continuation produces at position 2
+    reqs = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": m}), i)
+            for i, (p, m) in enumerate(zip(prompts, [8, 8, 3]))]
+    out = LiveLM(model, tok, batch_size=2).generate_until(reqs)
+    assert out[1] == free[1][:free[1].index(stop)]
+    assert out[0] == free[0].split(stop)[0]
+    assert out[2] == free[2][:3].split(stop)[0]

@@ -1,19 +1,30 @@
 """MoRA under DeepSpeed ZeRO 0-3: the only module of the package that imports ``deepspeed``.
 
-One task, in order (the orchestrator calls these on every rank)::
+Once per run, on every rank::
 
-    grow(model, task_name, seed=...)               # new trainable block; ZeRO-3: gathers, mutates, rebuilt later
-    engine = build_engine(model, run_cfg, total_steps=n)   # fresh optimizer over the active block only
-    losses = train_task(engine, my_micro_batches)  # per-step losses, averaged over ranks
-    stats = collect_statistics(engine, stat_batches)       # mora_dist.distributed.stats, engine still alive
-    decision = decide_pruning(stats, model, run_cfg.prune)
+    rank, world, local_rank = init_distributed()           # mora_dist.distributed.env
+    model = build_model(lambda: AutoModelForCausalLM.from_pretrained(path), run_cfg)  # zero.Init under ZeRO-3
+    inject_mora(model, run_cfg.mora)                       # or load_adapter_distributed(model, dir) to resume
+
+One task, in order (every call on every rank; S = mora_dist.distributed.stats)::
+
+    grow(model, task_name, seed=...)                       # new trainable block (ZeRO-3: on gathered tensors)
+    engine = build_engine(model, run_cfg, total_steps=n)   # fresh AdamW over the active block only
+    losses = train_task(engine, my_micro_batches)          # per-step losses, averaged over ranks
+    stats = S.collect_statistics(engine, my_stat_batches)  # forwards in eval mode + ONE all-reduce
+    decision = S.decide_pruning(stats, model, run_cfg.prune)
+    S.check_decision_agrees(decision)                      # hash compared across ranks
+    S.write_statistics(run_dir, task_name, stats, decision)    # rank 0, atomic
     destroy_engine(engine)
-    prune(model, decision); freeze(model)          # ZeRO-3 aware
+    prune(model, decision); freeze(model)                  # ZeRO-3 aware
     save_adapter_distributed(model, run_dir / "adapter")   # gathered on all ranks, rank 0 writes atomically
+    ev = build_inference_engine(model, run_cfg)            # evaluation forwards (ZeRO-3 needs the hooks) ...
+    destroy_engine(ev)                                     # ... and gone before the next grow
 
 The trainable set changes at every task boundary, so each task gets a fresh engine and optimizer (DESIGN §3).
 Under ZeRO-3 the bank is changed on full tensors gathered on every rank; the new parameters are plain tensors
-until the next ``deepspeed.initialize`` partitions them (rank 0's values are broadcast then).
+until the next ``deepspeed.initialize`` partitions them (rank 0's values are broadcast then). The ds_config an
+engine was built with is ``engine.mora_ds_config`` (write it into the run directory).
 """
 
 from __future__ import annotations

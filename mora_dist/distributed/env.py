@@ -121,6 +121,12 @@ def discover(env: Mapping[str, str] | None = None, mpi: Callable[[], MPIInfo] = 
         return _discover_mpi(env, mpi_size_var, mpi)
     has_rank, has_world = "RANK" in env, "WORLD_SIZE" in env
     if not has_rank and not has_world:
+        srun_tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
+        if srun_tasks.isdigit() and int(srun_tasks) > 1:
+            raise DistributedEnvError(
+                f"started by srun as one of SLURM_STEP_NUM_TASKS={srun_tasks} tasks, but no launcher set RANK/"
+                "WORLD_SIZE: every task would train alone. Use launch/slurm.sbatch (the deepspeed launcher or "
+                "srun + torchrun, one task per node) or an MPI build of srun (--mpi=pmi2)")
         return DistEnv(0, 1, 0, None, None, "single")
     if has_rank and not has_world:
         raise DistributedEnvError(
