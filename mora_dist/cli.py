@@ -175,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     from mora_dist.models import ModelSourceError
     from mora_dist.mora.adapter import AdapterError
     from mora_dist.mora.config import MoRAConfigError
+    from mora_dist.distributed.env import DistributedEnvError
     from mora_dist.run.state import RunStateError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError, RunStateError) as err:
+    except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError, RunStateError,
+            DistributedEnvError) as err:
         print(f"mora-dist: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,6 @@ grow → train (mid-task checkpoints) → statistics (one all-reduce) → prune 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.data.tokenize import collate
 from mora_dist.faults import fault_point
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
-from mora_dist.run.state import BASE_STAGE, RunDir, RunLock, RunState, task_key
+from mora_dist.run.state import BASE_STAGE, RunDir, RunLock, RunState, RunStateError, task_key
 from mora_dist.training import batch_order, steps_for
 
 EXIT_INTERRUPTED = 75
@@ -134,15 +133,20 @@ class Orchestrator:
 
         m = self.cfg.model
         self.tok = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
-        self.model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-        inject_mora(self.model, self.cfg.mora)
         if self.world > 1:
+            from mora_dist.distributed import engine as eng
             from mora_dist.run.trainer import DeepSpeedTrainer
 
-            self.trainer = DeepSpeedTrainer(self.model, self.cfg)
+            # under ZeRO-3 the base is built inside zero.Init: no worker ever holds it whole
+            self.model = eng.build_model(
+                lambda: load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code), self.cfg)
+            inject_mora(self.model, self.cfg.mora)
+            self.trainer = DeepSpeedTrainer(self.model, self.cfg, self.dir.root / "ds_config.json")
         else:
             from mora_dist.run.trainer import LocalTrainer
 
+            self.model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+            inject_mora(self.model, self.cfg.mora)
             self.trainer = LocalTrainer(self.model, self.cfg)
 
     def _restore(self, state: RunState, stage: str) -> None:
@@ -306,7 +310,7 @@ class Orchestrator:
         e = self.cfg.eval
         # every seen task, plus the next one (its score before training it is what FWT needs)
         seen = range(len(self.tasks)) if index is None else range(min(index + 2, len(self.tasks)))
-        model = self.trainer.forward_model
+        model = self.trainer.forward_model  # under ZeRO-3 an engine whose hooks gather parameters
         model = getattr(model, "module", model)
         model.eval()
         in_domain = {}
@@ -370,16 +374,20 @@ class Orchestrator:
         """Do the pending stages within the limits; returns the process exit code."""
         previous_handlers = self._install_signals()
         lock = RunLock(self.dir.root) if self.main else None
-        if lock is not None:
-            self.dir.root.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-            if lock.previous and lock.previous.get("pid"):
-                self.log(f"taking over a stale lock left by pid {lock.previous.get('pid')} on "
-                         f"{lock.previous.get('host')}")
         try:
-            if self.main:
-                self._prepare_dir()
-            state = RunState(self.dir, self.tasks)
+            error = None
+            if self.main:  # rank 0 takes the lock and checks the directory; every rank learns the outcome
+                try:
+                    self.dir.root.mkdir(parents=True, exist_ok=True)
+                    lock.acquire()
+                    if lock.previous and lock.previous.get("pid"):
+                        self.log(f"taking over a stale lock left by pid {lock.previous.get('pid')} on "
+                                 f"{lock.previous.get('host')}")
+                    self._prepare_dir()
+                except (RunStateError, ConfigError) as err:
+                    error = err
+            self._agree(error)
+            state = RunState(self.dir, self.tasks, persist=self.main)
             pending = state.pending()
             if not pending:
                 self.log(f"run {self.dir.root} is complete: nothing to do")
@@ -409,6 +417,16 @@ class Orchestrator:
                 lock.release()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+
+    def _agree(self, error: Exception | None) -> None:
+        """Raise on every rank if rank 0 failed (so that no rank waits for the others forever)."""
+        if self.world > 1:
+            flag = torch.tensor([1.0 if error is not None else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and error is None:
+                raise RunStateError("rank 0 could not start the run (see its error); stopping")
+        if error is not None:
+            raise error
 
     def _run_stage(self, stage: str) -> dict:
         if stage == BASE_STAGE:
@@ -449,12 +467,10 @@ def _progress(enabled: bool, total: int, start: int, desc: str):
 
 def run(cfg: RunConfig, limits: Limits | None = None) -> int:
     """Run (or resume) ``cfg``'s stream in this process, which may be one worker of a distributed launch."""
-    world = (0, 1)
-    if _launched_distributed():
-        from mora_dist.distributed.env import init_distributed
+    from mora_dist.distributed.env import init_distributed
 
-        rank, size, _ = init_distributed(cfg.distributed.backend)
-        world = (rank, size)
+    rank, size, _ = init_distributed(cfg.distributed.backend)  # checks the launcher's variables first
+    world = (rank, size)
     try:
         return Orchestrator(cfg, limits, world).run()
     finally:
@@ -462,10 +478,3 @@ def run(cfg: RunConfig, limits: Limits | None = None) -> int:
             from mora_dist.distributed.env import shutdown
 
             shutdown()
-
-
-def _launched_distributed() -> bool:
-    """Started by torchrun, the deepspeed launcher or mpirun with more than one process."""
-    env = os.environ
-    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    return any(int(env.get(v, "1") or 1) > 1 for v in sizes)

@@ -90,8 +90,9 @@ class RunDir:
 class RunState:
     """The completed stages of a run, persisted atomically after every change."""
 
-    def __init__(self, run_dir: RunDir, tasks: list[str]):
+    def __init__(self, run_dir: RunDir, tasks: list[str], persist: bool = True):
         self.dir = run_dir
+        self.persist = persist  # only rank 0 writes; every rank keeps the same record in memory
         self.tasks = list(tasks)
         self.stages = all_stages(self.tasks)
         self.done: dict[str, dict] = {}
@@ -120,6 +121,8 @@ class RunState:
         self.save()
 
     def save(self) -> None:
+        if not self.persist:
+            return
         ordered = [self.done[s] for s in self.stages if s in self.done]
         atomic_write_json(self.dir.state_file, {"version": 1, "tasks": self.tasks, "done": ordered})
 

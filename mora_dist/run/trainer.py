@@ -177,28 +177,54 @@ class DeepSpeedTrainer:
     adapter at every task boundary is gathered and restorable onto any world size.
     """
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, ds_config_file: Path | None = None):
         from mora_dist.distributed import env
 
         self.env = env
         self.model = model
         self.cfg = cfg
         self.engine = None
+        self.inference_engine = None
+        self.ds_config_file = ds_config_file
         self.rank, self.world_size = env.rank(), env.world_size()
 
     @property
+    def zero3(self) -> bool:
+        return self.cfg.distributed.zero_stage == 3
+
+    @property
     def forward_model(self):
-        return self.engine if self.engine is not None else self.model
+        """What forwards (statistics, evaluation) go through: under ZeRO-3 an engine that gathers parameters."""
+        if self.engine is not None:
+            return self.engine
+        if not self.zero3:
+            return self.model
+        if self.inference_engine is None:
+            from mora_dist.distributed import engine as eng
+
+            self.inference_engine = eng.build_inference_engine(self.model, self.cfg)
+        return self.inference_engine
+
+    def _drop_inference_engine(self) -> None:
+        if self.inference_engine is not None:
+            from mora_dist.distributed import engine as eng
+
+            self.model = eng.destroy_engine(self.inference_engine)
+            self.inference_engine = None
 
     def grow(self, name: str, seed: int) -> None:
         from mora_dist.distributed import engine as eng
 
+        self._drop_inference_engine()
         eng.grow(self.model, name, seed=seed)
 
     def begin(self, steps: int, lr: float) -> None:
         from mora_dist.distributed import engine as eng
 
+        self._drop_inference_engine()
         self.engine = eng.build_engine(self.model, self.cfg, total_steps=steps, lr=lr)
+        if self.ds_config_file is not None and self.env.is_main():
+            atomic_write_json(self.ds_config_file, self.engine.mora_ds_config)
 
     def step(self, step: int, micro_batches: list[dict]) -> float:
         from mora_dist.distributed import engine as eng
@@ -235,6 +261,7 @@ class DeepSpeedTrainer:
         if info.get("world_size", self.world_size) != self.world_size:
             raise RuntimeError(f"{directory}: a mid-task checkpoint written by {info['world_size']} workers cannot "
                                f"resume on {self.world_size}; finish the task with {info['world_size']} workers")
+        self._drop_inference_engine()
         eng.load_adapter_distributed(self.model, Path(directory) / "adapter", trainable_last=True)
         return info["step"]
 
@@ -252,11 +279,13 @@ class DeepSpeedTrainer:
     def prune(self, decision: dict) -> None:
         from mora_dist.distributed import engine as eng
 
+        self._drop_inference_engine()
         eng.prune(self.model, decision)
 
     def freeze(self) -> None:
         from mora_dist.distributed import engine as eng
 
+        self._drop_inference_engine()
         eng.freeze(self.model)
 
     def save_adapter(self, directory: Path) -> None:
@@ -267,6 +296,7 @@ class DeepSpeedTrainer:
     def load_adapter(self, directory: Path, trainable_last: bool = False) -> None:
         from mora_dist.distributed import engine as eng
 
+        self._drop_inference_engine()
         eng.load_adapter_distributed(self.model, directory, trainable_last=trainable_last)
 
     def barrier(self) -> None:
