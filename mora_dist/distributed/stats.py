@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mora_dist.io import atomic_write_json
 from mora_dist.mora import mora_layers
 
 SUM_KEYS = ("selected", "weight_sum", "mass")
@@ -222,15 +222,5 @@ def write_statistics(directory: str | os.PathLike, task: str, stats: dict, decis
     path = Path(directory) / f"stats-{task}.json"
     if dist.is_initialized() and dist.get_rank() != 0:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(statistics_record(stats, decision, task), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, statistics_record(stats, decision, task))
     return path
