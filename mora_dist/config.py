@@ -231,11 +231,67 @@ class DataConfig:
     root: str = "${MORA_DATA_ROOT:-../shared/data/llm-cl-benchmark-500}"
 
 
+METHODS = ("mora", "seq_lora", "olora", "moe_lora")
+
+
+@dataclass
+class OLoRAConfig:
+    """O-LoRA baseline (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual Learning").
+
+    Loss added at every optimizer step: ``lambda_orth · Σ_layers Σ |A_new A_oldᵀ|`` (the authors' code: the L1
+    norm of the products of the new block's keys with all frozen keys; the paper writes the squared entries)
+    plus ``lambda_l2 · Σ_layers (‖A_new‖_F + ‖B_new‖_F)`` (the code's ``torch.norm(p=2)`` of each new
+    parameter, not squared; the paper's objective has no such term).
+
+    Attributes:
+        lambda_orth: weight of the orthogonality penalty; the authors' scripts use 0.5.
+        lambda_l2: weight of the norm penalty on the new block; the authors' scripts use 0.
+    """
+
+    lambda_orth: float = 0.5
+    lambda_l2: float = 0.0
+
+    def __post_init__(self):
+        for key in ("lambda_orth", "lambda_l2"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"olora.{key}={value!r}: must be a number >= 0")
+
+
+@dataclass
+class MoELoRAConfig:
+    """MoE-LoRA baseline: one LoRA expert (a block of ``mora.r_task`` experts) per task with a learned router per
+    layer; earlier experts and their router rows are frozen.
+
+    Attributes:
+        top_k: tasks' experts kept per token, 1 or 2 (more is allowed); top-1 weights the kept expert by its
+            softmax probability over all experts (Switch Transformer), top-k >= 2 by a softmax over the kept.
+    """
+
+    top_k: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ConfigError(f"moe_lora.top_k={self.top_k!r}: must be an integer >= 1")
+
+
 @dataclass
 class RunConfig:
-    """A whole continual-training run."""
+    """A whole continual-training run.
+
+    Attributes:
+        method: ``mora`` (default: the self-activated rank bank, pruning per ``prune.enabled``) or a baseline
+            on the same bank and orchestrator (see ``mora_dist.methods``): ``seq_lora`` (one ungated LoRA block
+            trained on every task in turn), ``olora`` (a new ungated block per task, orthogonality penalty
+            against the frozen blocks, weights in ``olora``), ``moe_lora`` (a block per task used as one expert,
+            a learned router per layer, ``moe_lora.top_k``). The baselines set ``mora.gated`` (false for
+            seq_lora and olora), ``mora.gate``/``mora.router_top_k`` (moe_lora) and turn ``prune.enabled``
+            off; the resolved config shows the values used.
+        olora, moe_lora: settings of those baselines.
+    """
 
     run_dir: str = "runs/default"
+    method: str = "mora"
     model: ModelConfig = field(default_factory=ModelConfig)
     mora: MoRAConfig = field(default_factory=MoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -244,12 +300,33 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
+    olora: OLoRAConfig = field(default_factory=OLoRAConfig)
+    moe_lora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
 
     def __post_init__(self):
+        self._apply_method()
         names = [t.name for t in self.tasks]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"tasks: duplicate task names {dup}; every task needs a unique name")
+
+    def _apply_method(self) -> None:
+        """Check ``method`` and set the bank and pruning settings it implies."""
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
+            raise ConfigError(f"method={self.method!r} is invalid: choose one of {', '.join(METHODS)}"
+                              + (f" (did you mean {close[0]}?)" if close else ""))
+        if self.method == "mora":
+            if self.mora.gate != "self":
+                raise ConfigError(f"mora.gate={self.mora.gate!r} with method=mora: the router gate is the "
+                                  "MoE-LoRA baseline; set method: moe_lora (and moe_lora.top_k) instead")
+            return
+        self.prune.enabled = False
+        if self.method in ("seq_lora", "olora"):
+            self.mora.gated, self.mora.gate = False, "self"
+        else:  # moe_lora
+            self.mora.gated, self.mora.gate, self.mora.router_top_k = True, "router", self.moe_lora.top_k
+        self.mora.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

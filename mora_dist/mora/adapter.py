@@ -7,6 +7,8 @@ Layout of ``adapter.json``::
      "blocks": [{"name": "task0", "scale": 2.0}, ...],        # in creation order
      "layers": {"model.layers.0.self_attn.q_proj": {"in_features": 576, "out_features": 576,
                                                     "block_sizes": [8, 6]}, ...},
+     # adapter.safetensors: "<layer>.A", "<layer>.B", and "<layer>.router" (one row per block) when
+     # mora.gate is "router" (the MoE-LoRA baseline)
      "active_block": false,                                   # true only in mid-task checkpoints
      "base_model": {"model_type": "llama", "name_or_path": "..."}}
 
@@ -152,10 +154,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last:
             A = torch.zeros(0, layer.in_features)
             B = torch.zeros(layer.out_features, 0)
         ref = layer.base_layer.weight
+        router = state.get(f"{name}.router")
+        if config.gate == "router" and router is None:
+            raise AdapterError(f"{directory}: layer {name}: the adapter's gate is 'router' but it holds no "
+                               f"'{name}.router' tensor; the file is incomplete")
         try:
-            layer.set_bank(A.to(ref.dtype), B.to(ref.dtype), names, sizes, scales, active_last=active)
+            layer.clear_bank()  # the gate mode may change with the adapter (it decides whether blocks route)
+            layer.set_gate(**config.gate_settings())
+            layer.set_bank(A.to(ref.dtype), B.to(ref.dtype), names, sizes, scales, active_last=active,
+                           router=None if router is None else router.to(ref.dtype))
         except ValueError as err:
             raise AdapterError(f"{directory}: layer {name}: {err}") from err
-        layer.set_gate(**config.gate_settings())
     model.mora_config = config
     return model

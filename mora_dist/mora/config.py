@@ -16,6 +16,7 @@ DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 DELTA_MODES = ("inference", "always")
+GATE_MODES = ("self", "router")
 
 
 class MoRAConfigError(ValueError):
@@ -37,6 +38,9 @@ class MoRAConfig:
             ``2 * r_task`` (the paper's choice).
         dropout: dropout on the layer input before the keys (train mode only); paper: 0.1.
         gated: ``False`` turns the gate off (``w == 1``): the layer is a plain LoRA of rank R (baselines).
+        gate: ``"self"`` (MoRA's self-activated gate over experts) or ``"router"`` (the MoE-LoRA baseline: a
+            learned router row per block picks ``router_top_k`` blocks per token; set by ``method: moe_lora``).
+        router_top_k: blocks kept per token by the router (gate ``"router"`` only).
         target_modules: module names to adapt (last name component); empty means the architecture's default.
         include_mlp: also adapt the MLP projections when ``target_modules`` is empty.
         eps: floor of the score norm.
@@ -52,6 +56,8 @@ class MoRAConfig:
     alpha: float | None = None
     dropout: float = 0.1
     gated: bool = True
+    gate: str = "self"
+    router_top_k: int = 2
     target_modules: list[str] = field(default_factory=list)
     include_mlp: bool = False
     eps: float = 1e-12
@@ -79,6 +85,13 @@ class MoRAConfig:
             raise MoRAConfigError(f"mora.dropout={self.dropout!r} is invalid: must be in [0, 1)")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise MoRAConfigError(f"mora.eps={self.eps!r} is invalid: must be > 0")
+        if self.gate not in GATE_MODES:
+            raise MoRAConfigError(f"mora.gate={self.gate!r} is invalid: choose one of {GATE_MODES}")
+        if not isinstance(self.router_top_k, int) or isinstance(self.router_top_k, bool) or self.router_top_k < 1:
+            raise MoRAConfigError(f"mora.router_top_k={self.router_top_k!r} is invalid: blocks kept per token "
+                                  "must be an integer >= 1")
+        if self.gate == "router" and not self.gated:
+            raise MoRAConfigError("mora.gate='router' needs mora.gated=true (gated=false is plain LoRA)")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 
@@ -91,7 +104,8 @@ class MoRAConfig:
     def gate_settings(self) -> dict:
         """The settings the layer's forward needs."""
         return {"k": self.k, "tau": float(self.tau), "delta": self.delta, "delta_mode": self.delta_mode,
-                "gated": self.gated, "eps": float(self.eps)}
+                "gated": self.gated, "eps": float(self.eps), "gate": self.gate,
+                "router_top_k": self.router_top_k}
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -8,6 +8,15 @@ Parameters (all names start with ``mora_``, see ``mora_dist.mora.model.ADAPTER_P
 
 Either pair is ``None`` when empty. The forward concatenates both pairs once and treats all R experts in one
 vectorised pass; blocks differ only by their scale, held per expert in the buffer ``mora_scale``.
+
+Gate modes (``gate``): ``"self"`` is MoRA's self-activated gate over experts (``gate.py``); ``"router"`` is the
+MoE-LoRA baseline: a learned router with one row per block, ``mora_router_frozen`` (earlier blocks) and
+``mora_router`` (1 × d_in, the active block); per token ``l = W_router · x``, the ``router_top_k`` blocks with the
+largest logits are kept and weighted by a softmax over the kept logits (with ``router_top_k = 1`` and several
+blocks, by the kept block's softmax probability over all blocks, Switch-Transformer style, since a softmax over
+one kept logit is the constant 1 and would leave the router without gradient), and every expert of a block is
+weighted by its block's gate: ``y = W0 x + Σ_b g_b · scale_b · B_b A_b dropout(x)``. ``gated=False`` is plain
+LoRA whatever the mode.
 """
 
 from __future__ import annotations
@@ -20,30 +29,52 @@ from torch import nn
 
 from mora_dist.mora.gate import gate_weights, mora_gate
 
+from mora_dist.mora.config import GATE_MODES
+
+
+def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Block weights of the MoE-LoRA router for logits (..., n_blocks): top-k kept, softmax over the kept
+    logits; top-1 over several blocks keeps the softmax probability over all blocks (Switch Transformer)."""
+    nb = logits.shape[-1]
+    K = min(int(top_k), nb)
+    if K == nb:
+        return torch.softmax(logits, dim=-1)
+    if K == 1:
+        probs = torch.softmax(logits, dim=-1)
+        kept, idx = probs.max(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, idx, kept)
+    kept, idx = logits.topk(K, dim=-1, sorted=False)
+    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(kept, dim=-1))
+
 
 class MoRALinear(nn.Module):
     """A frozen ``nn.Linear`` with a MoRA rank bank.
 
     Args:
         base_layer: the linear layer to adapt; it is frozen.
-        k, tau, delta, delta_mode, gated, eps: gate settings, see ``MoRAConfig``.
+        k, tau, delta, delta_mode, gated, eps, gate, router_top_k: gate settings, see ``MoRAConfig``.
         dropout: dropout probability on the input before the keys.
     """
 
     def __init__(self, base_layer: nn.Linear, *, k: int = 8, tau: float = 0.03, delta: float | None = 0.2,
-                 delta_mode: str = "inference", gated: bool = True, eps: float = 1e-12, dropout: float = 0.0):
+                 delta_mode: str = "inference", gated: bool = True, eps: float = 1e-12, dropout: float = 0.0,
+                 gate: str = "self", router_top_k: int = 2):
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated, eps=eps)
+        self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated, eps=eps, gate=gate,
+                      router_top_k=router_top_k)
         self.register_parameter("mora_A_frozen", None)
         self.register_parameter("mora_B_frozen", None)
         self.register_parameter("mora_A", None)
         self.register_parameter("mora_B", None)
+        self.register_parameter("mora_router_frozen", None)  # gate "router" only: one row per frozen block
+        self.register_parameter("mora_router", None)  # gate "router" only: the active block's row
         self.register_buffer("mora_scale", torch.zeros(0), persistent=False)
+        self.register_buffer("mora_expert_block", torch.zeros(0, dtype=torch.long), persistent=False)
         self.block_names: list[str] = []
         self.block_sizes: list[int] = []
         self.block_scales: list[float] = []
@@ -52,10 +83,16 @@ class MoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- settings
     def set_gate(self, *, k: int, tau: float, delta: float | None, delta_mode: str, gated: bool,
-                 eps: float) -> None:
-        """Change the gate settings (they hold no parameters)."""
+                 eps: float, gate: str = "self", router_top_k: int = 2) -> None:
+        """Change the gate settings. The mode (``gate``) decides whether blocks carry router rows, so it can only
+        change while the bank is empty."""
+        if gate not in GATE_MODES:
+            raise ValueError(f"gate={gate!r}: choose one of {GATE_MODES}")
+        if getattr(self, "gate", gate) != gate and self.block_sizes:
+            raise ValueError(f"cannot switch the gate from {self.gate!r} to {gate!r} on a layer with blocks")
         self.k, self.tau, self.delta, self.delta_mode = int(k), float(tau), delta, delta_mode
         self.gated, self.eps = bool(gated), float(eps)
+        self.gate, self.router_top_k = gate, int(router_top_k)
 
     @property
     def num_experts(self) -> int:
@@ -80,6 +117,14 @@ class MoRALinear(nn.Module):
             return self.mora_A, self.mora_B
         return torch.cat([self.mora_A_frozen, self.mora_A], 0), torch.cat([self.mora_B_frozen, self.mora_B], 1)
 
+    def router(self) -> torch.Tensor | None:
+        """The router rows of all blocks (n_blocks × d_in) in block order; ``None`` outside gate mode "router"."""
+        if self.mora_router is None:
+            return self.mora_router_frozen
+        if self.mora_router_frozen is None:
+            return self.mora_router
+        return torch.cat([self.mora_router_frozen, self.mora_router], 0)
+
     def delta_active(self) -> bool:
         return self.delta is not None and (self.delta_mode == "always" or not self.training)
 
@@ -95,6 +140,17 @@ class MoRALinear(nn.Module):
         delta = self.delta if self.delta_active() else None
         return mora_gate(zg, scale, self.k, self.tau, delta, self.eps)
 
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-expert router weights (..., R): each expert gets its block's gate ``g_b`` (gate mode "router"),
+        computed in at least float32 from the undropped input."""
+        W = self.router()
+        gate_dtype = torch.promote_types(W.dtype, torch.float32)
+        logits = F.linear(x.to(W.dtype), W).to(gate_dtype)
+        g = router_gate(logits, self.router_top_k)
+        if self.mora_scale.dtype != torch.float32 or self.mora_expert_block.device != g.device:
+            self._refresh_scale()  # a module-wide .to(dtype) cast the scale buffer: rebuild it exactly
+        return g.index_select(-1, self.mora_expert_block.to(g.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         bank = self.bank()
@@ -102,6 +158,12 @@ class MoRALinear(nn.Module):
             return y
         A, B = bank
         z = F.linear(self.mora_dropout(x).to(A.dtype), A)
+        if self.gated and self.gate == "router":
+            w = self.router_weights(x)
+            if self.stats is not None:
+                self.accumulate_stats(z.detach(), B.detach(), w.detach())
+            c = (z.to(w.dtype) * self.mora_scale.to(w.dtype) * w).to(B.dtype)
+            return y + F.linear(c, B).to(y.dtype)
         if self.stats is not None:
             self.accumulate_stats(z.detach(), B.detach())
         c = self.gate_coefficients(z).to(B.dtype)
@@ -122,16 +184,21 @@ class MoRALinear(nn.Module):
         stats, self.stats = self.stats, None
         return stats
 
-    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor) -> None:
+    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None) -> None:
         """Add one batch: tokens on which each expert was selected (``w_i > 0``), ``Σ w_i`` and the
-        contribution mass ``Σ |w_i z_i| · ‖B_i‖``, with the gate as it runs now (mode-dependent threshold)."""
+        contribution mass ``Σ |w_i z_i| · ‖B_i‖``, with the gate as it runs now (mode-dependent threshold);
+        ``w`` gives the weights when the gate is not computed from ``z`` (the router)."""
         z = z.reshape(-1, z.shape[-1]).double()
+        if w is not None:
+            w = w.reshape(-1, w.shape[-1]).double()
         mask = self.stats_token_mask
         if mask is not None and mask.numel() == z.shape[0]:
-            z = z[mask.reshape(-1).to(z.device).bool()]
-        if self.gated:
+            keep = mask.reshape(-1).to(z.device).bool()
+            z = z[keep]
+            w = w[keep] if w is not None else None
+        if w is None and self.gated:
             w = gate_weights(z, self.k, self.tau, self.delta if self.delta_active() else None, self.eps)
-        else:
+        elif w is None:
             w = torch.ones_like(z)
         col_norm = torch.linalg.vector_norm(B.double(), dim=0)
         self.stats["selected"] += (w > 0).sum(0).double()
@@ -142,9 +209,10 @@ class MoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------ bank changes
     def _refresh_scale(self) -> None:
         device = self._weight_like().device
+        sizes = torch.tensor(self.block_sizes, dtype=torch.long)
         self.mora_scale = torch.repeat_interleave(
-            torch.tensor(self.block_scales, dtype=torch.float32),
-            torch.tensor(self.block_sizes, dtype=torch.long)).to(device)
+            torch.tensor(self.block_scales, dtype=torch.float32), sizes).to(device)
+        self.mora_expert_block = torch.repeat_interleave(torch.arange(len(self.block_sizes)), sizes).to(device)
 
     def add_block(self, name: str, r: int, scale: float, dtype: torch.dtype | None = None) -> None:
         """Append a new trainable block of ``r`` experts (A Kaiming-uniform as peft's LoRA, B zero).
@@ -161,6 +229,10 @@ class MoRALinear(nn.Module):
         B = torch.zeros(self.out_features, r, dtype=dtype, device=ref.device)
         self.mora_A = nn.Parameter(A)
         self.mora_B = nn.Parameter(B)
+        if self.gate == "router":  # initialised like an nn.Linear router row
+            W = torch.empty(1, self.in_features, dtype=dtype, device=ref.device)
+            nn.init.kaiming_uniform_(W, a=math.sqrt(5))
+            self.mora_router = nn.Parameter(W)
         self.block_names.append(name)
         self.block_sizes.append(r)
         self.block_scales.append(float(scale))
@@ -171,16 +243,51 @@ class MoRALinear(nn.Module):
         if self.mora_A is None:
             return
         A, B = self.bank()
+        W = self.router()
         self.mora_A_frozen = nn.Parameter(A.detach().clone(), requires_grad=False)
         self.mora_B_frozen = nn.Parameter(B.detach().clone(), requires_grad=False)
         self.mora_A = None
         self.mora_B = None
+        if W is not None:
+            self.mora_router_frozen = nn.Parameter(W.detach().clone(), requires_grad=False)
+            self.mora_router = None
+
+    def unfreeze_last(self) -> None:
+        """Make the last frozen block trainable again (sequential LoRA trains one block on every task).
+
+        Raises:
+            ValueError: the bank is empty, a block is already active, or the last block has no experts left.
+        """
+        if self.has_active_block:
+            raise ValueError("the layer already has an active block")
+        if not self.block_sizes or not self.block_sizes[-1]:
+            raise ValueError("the layer has no non-empty last block to unfreeze")
+        A, B = self.bank()
+        W = self.router()
+        self.set_bank(A.detach(), B.detach(), self.block_names, self.block_sizes, self.block_scales,
+                      active_last=True, router=None if W is None else W.detach())
+
+    def clear_bank(self) -> None:
+        """Remove every block (and router row): the layer is its frozen base again."""
+        self.mora_A_frozen = self.mora_B_frozen = self.mora_A = self.mora_B = None
+        self.mora_router_frozen = self.mora_router = None
+        self.block_names, self.block_sizes, self.block_scales = [], [], []
+        self._refresh_scale()
 
     def set_bank(self, A: torch.Tensor, B: torch.Tensor, names: list[str], sizes: list[int],
-                 scales: list[float], active_last: bool = False) -> None:
-        """Replace the whole bank (adapter loading, pruning); the last block stays trainable if ``active_last``."""
+                 scales: list[float], active_last: bool = False, router: torch.Tensor | None = None) -> None:
+        """Replace the whole bank (adapter loading, pruning); the last block stays trainable if ``active_last``.
+
+        ``router`` (n_blocks × d_in) is required in gate mode "router" and refused otherwise."""
         if not (len(names) == len(sizes) == len(scales)):
             raise ValueError("block names, sizes and scales must have the same length")
+        if self.gate == "router":
+            if router is None or tuple(router.shape) != (len(names), self.in_features):
+                got = None if router is None else tuple(router.shape)
+                raise ValueError(f"gate 'router' needs router rows of shape ({len(names)}, {self.in_features}), "
+                                 f"got {got}")
+        elif router is not None:
+            raise ValueError("router rows given to a layer whose gate is 'self' (load it with gate 'router')")
         total = sum(sizes)
         if A.shape != (total, self.in_features) or B.shape != (self.out_features, total):
             raise ValueError(
@@ -195,6 +302,14 @@ class MoRALinear(nn.Module):
         self.mora_B_frozen = nn.Parameter(B[:, :n_frozen].clone(), requires_grad=False) if n_frozen else None
         self.mora_A = nn.Parameter(A[n_frozen:].clone()) if n_active else None
         self.mora_B = nn.Parameter(B[:, n_frozen:].clone()) if n_active else None
+        if router is not None:
+            router = router.to(device=ref.device)
+            nb_frozen = len(names) - (1 if n_active else 0)
+            self.mora_router_frozen = (nn.Parameter(router[:nb_frozen].clone(), requires_grad=False)
+                                       if nb_frozen else None)
+            self.mora_router = nn.Parameter(router[nb_frozen:].clone()) if n_active else None
+        else:
+            self.mora_router_frozen = self.mora_router = None
         self.block_names, self.block_sizes, self.block_scales = list(names), list(sizes), list(scales)
         self._refresh_scale()
 
@@ -219,10 +334,13 @@ class MoRALinear(nn.Module):
         sizes = list(self.block_sizes)
         sizes[block] -= len(drop)
         idx = keep.nonzero().squeeze(1).to(A.device)
+        W = self.router()
         self.set_bank(A.detach().index_select(0, idx), B.detach().index_select(1, idx), self.block_names, sizes,
-                      self.block_scales, active_last=active and sizes[-1] > 0)
+                      self.block_scales, active_last=active and sizes[-1] > 0,
+                      router=None if W is None else W.detach())
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
                 f"blocks={self.block_sizes}, k={self.k}, tau={self.tau}, delta={self.delta}"
-                f"({self.delta_mode}), gated={self.gated}")
+                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}"
+                + (f"(top{self.router_top_k})" if self.gate == "router" else ""))

@@ -103,6 +103,13 @@ def freeze_blocks(model: nn.Module) -> None:
         layer.freeze_active()
 
 
+def unfreeze_last_block(model: nn.Module) -> None:
+    """Make the last (frozen) block of every layer trainable again: sequential LoRA trains one block on every
+    task instead of growing a new one."""
+    for layer in _layers_or_error(model).values():
+        layer.unfreeze_last()
+
+
 def set_gate(model: nn.Module, **settings) -> None:
     """Change gate settings (k, tau, delta, delta_mode, gated, eps) on every layer and on ``model.mora_config``."""
     config: MoRAConfig = model.mora_config
@@ -123,9 +130,13 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per layer, the whole bank in block order: ``<layer>.A`` (R × d_in) and ``<layer>.B`` (d_out × R)."""
+    """Per layer, the whole bank in block order: ``<layer>.A`` (R × d_in) and ``<layer>.B`` (d_out × R), plus
+    ``<layer>.router`` (n_blocks × d_in) in gate mode "router"."""
     state = {}
     for name, layer in _layers_or_error(model).items():
+        router = layer.router()
+        if router is not None:
+            state[f"{name}.router"] = router.detach()
         bank = layer.bank()
         if bank is None:
             continue
