@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data")) / "llm-cl-benchmark-500"
+DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data" / "llm-cl-benchmark-500"))
 
 
 def measure(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[float, list[str]]:

@@ -21,7 +21,8 @@ GENERAL = [{"local_arc_easy": 0.50, "local_mmlu": 0.30},
            {"local_arc_easy": 0.40, "local_mmlu": 0.29},
            {"local_arc_easy": 0.42, "local_mmlu": 0.25}]
 EXPERTS = {t: {"summary": {"active_blocks": 6 - i, "pruned_blocks": i},
-               "usage": {"attn": [1.0, 0.5 - 0.1 * i, 0.0, 0.25], "mlp": [0.1 * i, 0.9, 0.3]}}
+               "usage": {"attn": [1.0, 0.5 - 0.1 * i, 0.0, 0.25], "mlp": [0.1 * i, 0.9, 0.3]},
+               "blocks": ["base", "task0", "task1", "task2"]}
            for i, t in enumerate(TASKS)}
 DATA = {"tasks": TASKS, "in_domain": IN_DOMAIN, "general": GENERAL, "experts": EXPERTS,
         "metric_names": {"FOMC": "accuracy", "C-STANCE": "accuracy", "Py150": "edit_similarity"}}
@@ -107,7 +108,9 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     import torch
     from transformers import LlamaForCausalLM
 
-    from mora_dist.evaluation.stage import evaluate_stage
+    from mora_dist.evaluation.generation import evaluate_task
+    from mora_dist.evaluation.results import write_stage_results
+    from mora_dist.evaluation.suite import run_general_suite
     from tests.conftest import tiny_llama_config
     from tests.test_eval_distributed import tiny_tokenizer
 
@@ -116,11 +119,13 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
     tasks = {"t_num": [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(3)],
              "t_code": [{"prompt": "x = ", "answer": "1"}, {"prompt": "def f(", "answer": "a):"}]}
+    metrics = {"t_num": "exact_number", "t_code": "edit_similarity"}
     paths = []
-    for stage, after in enumerate([None, "t_num", "t_code"]):
-        path, in_domain, general = evaluate_stage(
-            model, tok, tmp_path, stage, after, tasks, general_tasks=["local_arc_easy"] if stage != 1 else [],
-            general_limit=2, batch_size=2, metrics={"t_num": "exact_number", "t_code": "edit_similarity"})
+    for stage, after in enumerate([None, "t_num", "t_code"]):  # what the orchestrator's evaluate stage does
+        in_domain = {name: evaluate_task(model, tok, exs, metrics[name], task=name, batch_size=2)
+                     for name, exs in tasks.items()}
+        general = run_general_suite(model, tok, ["local_arc_easy"], limit=2, batch_size=2) if stage != 1 else None
+        path = write_stage_results(tmp_path, stage, after, in_domain, general)
         paths.append(path)
         assert path.is_file() and set(in_domain) == {"t_num", "t_code"}
     data = json.loads(paths[0].read_text())

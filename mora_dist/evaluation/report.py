@@ -11,7 +11,8 @@ Input of ``build_report`` (plain JSON-able data, or a run directory, see below):
                    ... ],
       "experts": {"C-STANCE": {                     # optional: per trained task
           "summary": {"active_blocks": 12, "pruned_blocks": 4, ...},   # scalars shown in a table
-          "usage": {"attn": [0.9, 0.1, ...], "mlp": [...]}}},          # per layer group: usage per block
+          "usage": {"attn": [0.9, 0.1, ...], "mlp": [...]},          # per layer group: usage per block
+          "blocks": ["b0", "b1", ...]}},                              # optional block names (x-axis labels)
       "title": "..."                                # optional
     }
 
@@ -227,8 +228,10 @@ def render_figures(rep: dict, out_dir: Path) -> list[Path]:
         rows = [list(rep["experts"][t]["usage"][group]) for t in tasks]
         width = max(len(r) for r in rows)
         rows = [[_num(v) for v in r] + [None] * (width - len(r)) for r in rows]
+        names = next((list(rep["experts"][t]["blocks"]) for t in tasks
+                      if len(rep["experts"][t].get("blocks") or []) == width), [str(b) for b in range(width)])
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
-        figs.append(_heatmap(rows, tasks, [str(b) for b in range(width)], f"Expert usage: {group}",
+        figs.append(_heatmap(rows, tasks, names, f"Expert usage: {group}",
                              "rank block (expert)", "task", "usage", out_dir / f"expert_usage_{safe}.png",
                              annotate=width <= 16))
     return figs

@@ -25,50 +25,16 @@ import copy
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mora_dist.evaluation.suite import primary_metric
+from mora_dist.io import atomic_write_json
 
 IN_DOMAIN_VERSION = 1.0
 _LM_EVAL_TABLES = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
-
-
-def _json_default(obj: Any):
-    """What lm-eval's ``handle_non_serializable`` does: numbers to Python numbers, sets to lists, rest to str."""
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.integer):
-            return int(obj)
-        if isinstance(obj, np.floating):
-            return float(obj)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, set):
-        return list(obj)
-    return str(obj)
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=_json_default, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def stage_filename(stage: int, name: str | None) -> str:
