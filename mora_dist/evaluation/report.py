@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, forgetting_metrics
-from mora_dist.evaluation.results import atomic_write_json, read_stage_results
+from mora_dist.evaluation.results import read_stage_results
+from mora_dist.io import atomic_write_json, atomic_write_text
 
 Row = list[float | None]
 
@@ -252,9 +253,7 @@ def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir
     figures = render_figures(rep, out)
     rep["figures"] = [p.name for p in figures]
     atomic_write_json(out / "report.json", rep)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(render_markdown(rep, figures), encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.md", render_markdown(rep, figures))
     return rep
 
 
