@@ -74,8 +74,20 @@ def main() -> dict:
                      "settings": {}}
     for name, (task, n, max_new) in settings.items():
         prompts = [ex["prompt"] for ex in examples[task][:n]]
-        t1, out1 = measure(model, tok, prompts, max_new, 1)
-        tb, outb = measure(model, tok, prompts, max_new, args.batch_size)
+        # Interleaved: per chunk of batch_size prompts, batch size 1 and batched back to back (alternating which
+        # goes first), so that load from other processes hits both modes alike.
+        t1 = tb = 0.0
+        out1, outb = [], []
+        for c, start in enumerate(range(0, len(prompts), args.batch_size)):
+            chunk = prompts[start:start + args.batch_size]
+            runs = [(1, out1), (args.batch_size, outb)]
+            for bs, sink in (runs if c % 2 == 0 else runs[::-1]):
+                seconds, out = measure(model, tok, chunk, max_new, bs)
+                sink += out
+                if bs == 1:
+                    t1 += seconds
+                else:
+                    tb += seconds
         row = {"task": task, "n_examples": len(prompts), "max_new_tokens": max_new,
                "prompt_tokens_mean": sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts),
                "bs1_seconds": t1, "batched_seconds": tb,
