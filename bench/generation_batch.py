@@ -1,7 +1,8 @@
 """Benchmark: examples/s of batched greedy generation vs batch size 1 on SmolLM2-135M-Instruct (CPU or GPU).
 
 Real prompts from the eval splits of ``shared/data/llm-cl-benchmark-500``. Three settings, each measured side by
-side in this one run (same prompts, same model, batch size 1 first, then batched):
+side in this one run (same prompts, same model; per chunk of batch-size prompts, batch size 1 and batched run
+back to back in alternating order, so machine load hits both alike):
 
 * ``in_domain``: FOMC with its in-domain budget (``TASK_MAX_NEW_TOKENS["FOMC"]`` = 4 new tokens): prefill dominates.
 * ``long_answers``: FOMC with 48 new tokens per prompt (a free-form answer budget).
