@@ -2,6 +2,7 @@
 
 Subcommands:
     run       run or resume a task stream from a config (also: python -m mora_dist run ...)
+    compare   run a stream with several methods (mora, seq_lora, olora, moe_lora) and compare them
     status    stages done and pending, current task and step, last metrics of a run directory
     report    rebuild a run directory's report from its stored results
     eval      evaluate a base model plus a saved adapter on tasks of a config and/or a general suite
@@ -30,6 +31,12 @@ def _cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     return run(cfg, Limits(max_stages=args.max_stages, until_task=args.until_task, time_budget=args.time_budget))
+
+
+def _cmd_compare(args) -> int:
+    from mora_dist.compare import parse_methods, run_compare
+
+    return run_compare(args.config, parse_methods(args.methods), args.overrides)
 
 
 def _cmd_status(args) -> int:
@@ -121,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds; checkpoint and exit 0 before this wall-clock budget is spent")
     r.set_defaults(func=_cmd_run)
 
+    c = sub.add_parser("compare", help="run the stream with several methods in sibling run directories "
+                                       "(<run_dir>-<method>, resumable) and write <run_dir>-compare/")
+    c.add_argument("config", help="YAML run config (see configs/)")
+    c.add_argument("overrides", nargs="*", help="key.sub=value overrides shared by every method")
+    c.add_argument("--methods", default="mora,seq_lora,olora,moe_lora",
+                   help="comma-separated: mora, seq_lora, olora, moe_lora, mora_noprune")
+    c.set_defaults(func=_cmd_compare)
+
     s = sub.add_parser("status", help="show the progress of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(func=_cmd_status)
@@ -169,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after an option are left over by argparse: take them as overrides
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from mora_dist.config import ConfigError
     from mora_dist.data import DataError
     from mora_dist.models import ModelSourceError

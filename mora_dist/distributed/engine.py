@@ -205,6 +205,14 @@ def grow(model: nn.Module, name: str, config=None, seed: int | None = None) -> N
         add_block(model, name, config)
 
 
+def unfreeze_last(model: nn.Module) -> None:
+    """Start a task on the last block again instead of a new one (seq_lora; ZeRO-3 aware)."""
+    from mora_dist.mora.model import unfreeze_last_block
+
+    with bank_gathered(model):
+        unfreeze_last_block(model)
+
+
 def freeze(model: nn.Module) -> None:
     """End a task: move the active block into the frozen bank (ZeRO-3 aware)."""
     with bank_gathered(model):

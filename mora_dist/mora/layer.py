@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mora_dist.mora.gate import gate_weights, mora_gate
-
 from mora_dist.mora.config import GATE_MODES
+from mora_dist.mora.gate import gate_weights, mora_gate
 
 
 def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:

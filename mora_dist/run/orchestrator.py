@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mora_dist import __version__
+from mora_dist import __version__, methods
 from mora_dist.config import ConfigError, RunConfig, dump_config, load_config
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.data.tokenize import collate
@@ -201,7 +201,10 @@ class Orchestrator:
     # ---------------------------------------------------------------------------------------------- stages
     def stage_grow(self, index: int) -> dict:
         name = self.tasks[index]
-        self.trainer.grow(name, seed=self.cfg.train.seed * 1000 + index)
+        if methods.grows_block(self.cfg, index):
+            self.trainer.grow(name, seed=self.cfg.train.seed * 1000 + index)
+        else:  # seq_lora: the one block is trained again
+            self.trainer.unfreeze_last()
         self.trainer.save_checkpoint(self.dir.ckpt(index, name), 0)
         return {}
 
@@ -472,6 +475,7 @@ def run(cfg: RunConfig, limits: Limits | None = None) -> int:
     rank, size, _ = init_distributed(cfg.distributed.backend)  # checks the launcher's variables first
     world = (rank, size)
     try:
+        methods.check_world(cfg, size)
         return Orchestrator(cfg, limits, world).run()
     finally:
         if world[1] > 1:

@@ -3,6 +3,7 @@
 orchestrator reads the same either way:
 
     grow(name, seed)                 new trainable block at the start of a task
+    unfreeze_last()                  or: the last block trainable again (seq_lora)
     begin(steps, lr)                 optimizer (and engine) for one task
     step(micro_batches) -> loss      one optimizer step over this worker's micro-batches
     save_checkpoint(dir, step)       resumable mid-task state (collective)
@@ -23,7 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mora_dist.io import atomic_write_json, fsync_dir, read_json
+from mora_dist.methods import extra_loss
 from mora_dist.mora import add_block, freeze_blocks, load_adapter, save_adapter, trainable_parameters
+from mora_dist.mora.model import unfreeze_last_block
 from mora_dist.training import lr_factor
 
 
@@ -76,6 +79,10 @@ class LocalTrainer:
             torch.manual_seed(seed)
             add_block(self.model, name)
 
+    def unfreeze_last(self) -> None:
+        """Make the last block trainable again instead of growing one (seq_lora)."""
+        unfreeze_last_block(self.model)
+
     def begin(self, steps: int, lr: float) -> None:
         self.steps, self.lr = steps, lr
         params = [p for _, p in trainable_parameters(self.model)]
@@ -91,6 +98,9 @@ class LocalTrainer:
             loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()
             total += loss.detach().item()
+        penalty = extra_loss(self.model, self.cfg)  # a method's regulariser (O-LoRA), once per step
+        if penalty is not None:
+            penalty.backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], t.grad_clip)
         self.opt.step()
@@ -217,6 +227,12 @@ class DeepSpeedTrainer:
 
         self._drop_inference_engine()
         eng.grow(self.model, name, seed=seed)
+
+    def unfreeze_last(self) -> None:
+        from mora_dist.distributed import engine as eng
+
+        self._drop_inference_engine()
+        eng.unfreeze_last(self.model)
 
     def begin(self, steps: int, lr: float) -> None:
         from mora_dist.distributed import engine as eng

@@ -1,0 +1,320 @@
+"""Baselines on the same bank and orchestrator: O-LoRA's penalty, the MoE-LoRA router gate, sequential LoRA,
+and the ``compare`` command (resumable after a kill)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import CL_DATA, REPO
+from mora_dist import methods
+from mora_dist.config import ConfigError, MoELoRAConfig, OLoRAConfig, RunConfig, load_config
+from mora_dist.mora import (
+    MoRAConfig, MoRALinear, add_block, adapter_state_dict, freeze_blocks, inject_mora, load_adapter, mora_layers,
+    save_adapter, trainable_parameters,
+)
+from mora_dist.mora.model import unfreeze_last_block
+
+
+# ------------------------------------------------------------------------------------------------- O-LoRA
+def _ungated(in_f, out_f, A, B, sizes):
+    layer = MoRALinear(nn.Linear(in_f, out_f).double(), gated=False)
+    layer.set_bank(torch.tensor(A, dtype=torch.float64), torch.tensor(B, dtype=torch.float64),
+                   [f"t{i}" for i in range(len(sizes))], sizes, [1.0] * len(sizes), active_last=True)
+    return layer
+
+
+@pytest.fixture
+def two_layers():
+    # layer 1: frozen keys [1,0,2], [0,1,-1] (one block of 2), new key [1,1,1], new value [3,4]
+    l1 = _ungated(3, 2, [[1, 0, 2], [0, 1, -1], [1, 1, 1]], [[1, 0, 3], [0, 1, 4]], [2, 1])
+    # layer 2: frozen keys [1,2,0] and [2,0,1] (two blocks of 1), new key [-1,1,0.5], new value [0,2]
+    l2 = _ungated(3, 2, [[1, 2, 0], [2, 0, 1], [-1, 1, 0.5]], [[5, 6, 0], [7, 8, 2]], [1, 1, 1])
+    return nn.ModuleDict({"a": l1, "b": l2})
+
+
+def test_olora_penalty_matches_hand_computation(two_layers):
+    # |A_new A_old^T| summed: layer 1 |3| + |0| = 3; layer 2 |-1 + 2| + |-2 + 0.5| = 2.5
+    orth = methods.orthogonality_penalty(two_layers)
+    assert orth.item() == pytest.approx(5.5, abs=1e-12)
+    # ||A_new||_F + ||B_new||_F per layer: sqrt(3) + 5, then 1.5 + 2
+    l2 = methods.l2_penalty(two_layers)
+    assert l2.item() == pytest.approx(math.sqrt(3) + 5 + 1.5 + 2, abs=1e-12)
+    cfg = RunConfig(method="olora", olora=OLoRAConfig(lambda_orth=0.5, lambda_l2=0.1))
+    loss = methods.extra_loss(two_layers, cfg)
+    assert loss.item() == pytest.approx(0.5 * 5.5 + 0.1 * (math.sqrt(3) + 8.5), abs=1e-12)
+    loss.backward()
+    # d/dA_new of 0.5 * sum|A_new a_j|: 0.5 * sum_j sign(A_new . a_j) a_j (sign(0) = 0), plus 0.1 A_new / ||A_new||
+    a = two_layers["a"]
+    expected = 0.5 * torch.tensor([[1.0, 0, 2]], dtype=torch.float64) + 0.1 * a.mora_A.detach() / math.sqrt(3)
+    assert torch.allclose(a.mora_A.grad, expected, atol=1e-12)
+    b = two_layers["b"]
+    expected = 0.5 * (torch.tensor([[1.0, 2, 0]]) - torch.tensor([[2.0, 0, 1]])).double() \
+        + 0.1 * b.mora_A.detach() / 1.5
+    assert torch.allclose(b.mora_A.grad, expected, atol=1e-12)
+    assert a.mora_A_frozen.grad is None and not a.mora_A_frozen.requires_grad
+
+
+def test_olora_penalty_absent_without_frozen_blocks_or_for_other_methods(two_layers):
+    fresh = MoRALinear(nn.Linear(3, 2), gated=False)
+    fresh.add_block("t0", 2, 1.0)
+    assert methods.orthogonality_penalty(nn.ModuleDict({"x": fresh})) is None
+    assert methods.extra_loss(nn.ModuleDict({"x": fresh}), RunConfig(method="olora")) is None  # lambda_l2 = 0
+    assert methods.extra_loss(two_layers, RunConfig(method="seq_lora")) is None
+
+
+def test_local_trainer_adds_the_olora_penalty(tiny_llama):
+    from mora_dist.run.trainer import LocalTrainer
+
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gated=False, dropout=0.0))
+    add_block(tiny_llama, "t0")
+    for layer in mora_layers(tiny_llama).values():
+        layer.mora_B.data.normal_(0, 0.1)
+    add_block(tiny_llama, "t1")
+    batch = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    after = {}
+    for lam in (0.0, 1.0):
+        model = copy.deepcopy(tiny_llama)
+        cfg = RunConfig(method="olora", olora=OLoRAConfig(lambda_orth=lam))
+        trainer = LocalTrainer(model, cfg)
+        trainer.begin(1, 1e-2)
+        trainer.step(0, [batch])
+        after[lam] = {n: p.detach().clone() for n, p in trainable_parameters(model) if n.endswith("mora_A")}
+    assert any(not torch.equal(after[0.0][n], after[1.0][n]) for n in after[0.0])
+
+
+# ----------------------------------------------------------------------------------------------- MoE-LoRA
+def _moe_layer(top_k, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = MoRALinear(nn.Linear(6, 5).to(dtype), gate="router", router_top_k=top_k)
+    for name, r, scale in (("t0", 2, 2.0), ("t1", 1, 0.5), ("t2", 3, 1.0)):
+        layer.add_block(name, r, scale)
+        layer.mora_B.data.normal_()
+        layer.mora_router.data.normal_()
+    return layer
+
+
+def _moe_reference(layer, x, top_k):
+    """Float64 loop over tokens and blocks: y = W0 x + b + sum_kept g_b scale_b B_b A_b x."""
+    A, B = (t.detach().double() for t in layer.bank())
+    W = layer.router().detach().double()
+    W0, b0 = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+    out = []
+    for tok in x.reshape(-1, x.shape[-1]).double():
+        logits = W @ tok
+        order = sorted(range(len(logits)), key=lambda i: -float(logits[i]))[:min(top_k, len(logits))]
+        if len(order) == 1 and len(logits) > 1:  # Switch: the kept block's probability over all blocks
+            g = {order[0]: float(torch.softmax(logits, 0)[order[0]])}
+        else:
+            kept = torch.softmax(logits[order], 0)
+            g = {blk: float(kept[i]) for i, blk in enumerate(order)}
+        y = W0 @ tok + b0
+        start = 0
+        for blk, (size, scale) in enumerate(zip(layer.block_sizes, layer.block_scales)):
+            if blk in g:
+                Ab, Bb = A[start:start + size], B[:, start:start + size]
+                y = y + g[blk] * scale * (Bb @ (Ab @ tok))
+            start += size
+        out.append(y)
+    return torch.stack(out).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_forward_matches_float64_reference(top_k):
+    layer = _moe_layer(top_k)
+    layer.eval()
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x), _moe_reference(layer, x, top_k), atol=1e-12, rtol=0)
+    layer32 = copy.deepcopy(layer).float()
+    assert torch.allclose(layer32(x.float()).double(), _moe_reference(layer, x, top_k), atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_gradients_reach_only_the_current_router_row_and_expert(tiny_llama, top_k):
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gate="router", router_top_k=top_k, dropout=0.0))
+    for t in ("t0", "t1", "t2"):
+        add_block(tiny_llama, t)
+        for layer in mora_layers(tiny_llama).values():
+            layer.mora_B.data.normal_(0, 0.5)
+    trainable = dict(trainable_parameters(tiny_llama))
+    assert {n.rsplit(".", 1)[-1] for n in trainable} == {"mora_A", "mora_B", "mora_router"}
+    frozen = {n: p.detach().clone() for n, p in tiny_llama.named_parameters() if n.endswith("_frozen")}
+    assert {n.rsplit(".", 1)[-1] for n in frozen} == {"mora_A_frozen", "mora_B_frozen", "mora_router_frozen"}
+    assert all(mora_layers(tiny_llama)[n.rsplit(".", 1)[0]].mora_router_frozen.shape[0] == 2
+               for n in frozen if n.endswith("mora_router_frozen"))
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    ids = torch.randint(0, 128, (2, 16))
+    tiny_llama.train()
+    for _ in range(3):
+        tiny_llama(input_ids=ids, labels=ids).loss.backward()
+        for n, p in tiny_llama.named_parameters():
+            if n in trainable:
+                assert p.grad is not None and p.grad.abs().sum() > 0, n
+            else:
+                assert p.grad is None, n
+        opt.step()
+        opt.zero_grad()
+    for n, p in tiny_llama.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # bit-identical
+    assert all(not torch.equal(before[n], p) for n, p in trainable.items())
+
+
+def test_moe_adapter_roundtrip_is_exact(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gate="router", router_top_k=1))
+    add_block(tiny_llama, "t0")
+    freeze_blocks(tiny_llama)
+    add_block(tiny_llama, "t1")
+    for layer in mora_layers(tiny_llama).values():
+        layer.mora_B.data.normal_()
+    save_adapter(tiny_llama, tmp_path / "mid")  # active block: a mid-task checkpoint
+    freeze_blocks(tiny_llama)
+    save_adapter(tiny_llama, tmp_path / "final")
+    state = load_file(str(tmp_path / "final" / "adapter.safetensors"))
+    assert sum(k.endswith(".router") for k in state) == 8 and all(
+        v.shape == (2, 64) for k, v in state.items() if k.endswith(".router"))
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "final")
+    ids = torch.randint(0, 128, (2, 9))
+    tiny_llama.eval(), loaded.eval()
+    assert torch.equal(tiny_llama(ids).logits, loaded(ids).logits)
+    a, b = adapter_state_dict(tiny_llama), adapter_state_dict(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(l.gate == "router" and l.router_top_k == 1 for l in mora_layers(loaded).values())
+    resumed = load_adapter(copy.deepcopy(base), tmp_path / "mid", trainable_last=True)
+    assert {n.rsplit(".", 1)[-1] for n, _ in trainable_parameters(resumed)} == {"mora_A", "mora_B", "mora_router"}
+
+
+def test_unfreeze_last_makes_the_same_block_trainable_again(tiny_llama):
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gated=False))
+    add_block(tiny_llama, "t0")
+    freeze_blocks(tiny_llama)
+    bank = {k: v.clone() for k, v in adapter_state_dict(tiny_llama).items()}
+    assert not list(trainable_parameters(tiny_llama))
+    unfreeze_last_block(tiny_llama)
+    assert {n.rsplit(".", 1)[-1] for n, _ in trainable_parameters(tiny_llama)} == {"mora_A", "mora_B"}
+    after = adapter_state_dict(tiny_llama)
+    assert all(torch.equal(bank[k], after[k]) for k in bank)
+    assert all(l.block_names == ["t0"] for l in mora_layers(tiny_llama).values())
+    with pytest.raises(ValueError, match="already has an active block"):
+        unfreeze_last_block(tiny_llama)
+
+
+# ------------------------------------------------------------------------------------------------- config
+def test_method_settings_are_applied_and_checked():
+    assert RunConfig().method == "mora" and RunConfig().prune.enabled
+    seq = RunConfig(method="seq_lora")
+    assert not seq.mora.gated and not seq.prune.enabled
+    moe = RunConfig(method="moe_lora", moe_lora=MoELoRAConfig(top_k=1))
+    assert moe.mora.gate == "router" and moe.mora.router_top_k == 1 and not moe.prune.enabled
+    assert methods.grows_block(seq, 0) and not methods.grows_block(seq, 1) and methods.grows_block(moe, 3)
+    with pytest.raises(ConfigError, match=r"method='olra' is invalid: choose one of mora, seq_lora, olora, "
+                                          r"moe_lora \(did you mean olora\?\)"):
+        load_config(None, ["method=olra"])
+    with pytest.raises(ConfigError, match=r"olora\.lambda_orth=-1\.0"):
+        load_config(None, ["method=olora", "olora.lambda_orth=-1.0"])
+    with pytest.raises(ConfigError, match=r"mora\.gate='router' with method=mora"):
+        load_config(None, ["mora.gate=router"])
+    with pytest.raises(ConfigError, match="method=olora runs in one process only"):
+        methods.check_world(RunConfig(method="olora"), 2)
+    methods.check_world(RunConfig(method="moe_lora"), 2)
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def _compare(config, *args, fault=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MORA_DIST_FAULT", None)
+    if fault:
+        env["MORA_DIST_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "mora_dist", "compare", str(config), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
+def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, tmp_path):
+    from test_orchestrator import write_config
+
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "run")
+    killed = _compare(cfg, "--methods", "mora,seq_lora", fault="train_step:FOMC#3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "run-mora" / "ckpt").is_dir() and not (tmp_path / "run-seq_lora").exists()
+    proc = _compare(cfg, "--methods", "mora,seq_lora")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    comp = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
+    assert comp["methods"] == ["mora", "seq_lora"] and comp["tasks"] == ["FOMC", "NumGLUE-cm"]
+    for name, run in comp["runs"].items():
+        report = json.loads((tmp_path / f"run-{name}" / "report" / "report.json").read_text())
+        assert run["metrics"]["AP"] == report["metrics"]["AP"] and run["method"] == name
+        assert run["final_scores"] == dict(zip(report["tasks"], report["matrix"][-1]))
+        assert run["seeds"] == {"train": 42, "eval": 0}
+        assert run["samples"]["train_examples"] == {"FOMC": 16, "NumGLUE-cm": 16}
+        assert run["samples"]["train_steps"] == {"FOMC": 4, "NumGLUE-cm": 4}
+        assert run["samples"]["eval_examples"] == {"FOMC": 4, "NumGLUE-cm": 4}
+        assert run["time_s"]["train"] > 0
+    # same stream and data: identical base-model rows
+    rows = [json.loads((tmp_path / f"run-{m}" / "report" / "report.json").read_text())["matrix"][0]
+            for m in comp["methods"]]
+    assert rows[0] == rows[1]
+    seq, mora = comp["runs"]["seq_lora"]["params"], comp["runs"]["mora"]["params"]
+    # tiny model: 2 layers x q,k,v,o with (in + out) = 64 (q, o) or 32 + 16 (k, v); r_task = 4
+    assert seq["trainable_params_per_task"] == mora["trainable_params_per_task"] == 4 * 2 * (64 + 64 + 48 + 48)
+    assert seq["adapter_params"] == seq["active_params_per_token"] == seq["trainable_params_per_task"]
+    assert (tmp_path / "run-compare" / "compare.png").stat().st_size > 0
+    assert "| seq_lora |" in (tmp_path / "run-compare" / "compare.md").read_text()
+    # seq_lora: one block across tasks, and it keeps changing
+    descs = [json.loads((tmp_path / "run-seq_lora" / "adapters" / d / "adapter.json").read_text())
+             for d in ("00-FOMC", "01-NumGLUE-cm")]
+    assert all([b["name"] for b in d["blocks"]] == ["FOMC"] for d in descs)
+    assert all(d["mora"]["gated"] is False for d in descs)
+    w0, w1 = (load_file(str(tmp_path / "run-seq_lora" / "adapters" / d / "adapter.safetensors"))
+              for d in ("00-FOMC", "01-NumGLUE-cm"))
+    assert w0.keys() == w1.keys() and all(w0[k].shape == w1[k].shape for k in w0)
+    assert all(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith(".B"))
+    again = _compare(cfg, "--methods", "mora,seq_lora")  # finished: nothing redone
+    assert again.returncode == 0 and again.stdout.count("nothing to do") == 2
+
+
+@pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
+def test_olora_and_moe_lora_run_the_stream(tiny_model_dir, tmp_path):
+    from test_orchestrator import write_config
+
+    from mora_dist.compare import run_compare
+
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "run")
+    code = run_compare(cfg, ["olora", "moe_lora"], ["moe_lora.top_k=1", "olora.lambda_l2=0.01",
+                                                    "eval.max_examples=2"])
+    assert code == 0
+    comp = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
+    olora, moe = comp["runs"]["olora"], comp["runs"]["moe_lora"]
+    assert olora["settings"]["olora"] == {"lambda_orth": 0.5, "lambda_l2": 0.01} and not olora["settings"]["gated"]
+    assert moe["settings"]["gate"] == "router" and moe["settings"]["router_top_k"] == 1
+    per_block = 2 * (64 + 64 + 48 + 48)  # (in + out) over q, k, v, o of 2 layers, per expert
+    assert olora["params"] == {"trainable_params_per_task": 4 * per_block, "adapter_params": 8 * per_block,
+                               "active_params_per_token": 8 * per_block}
+    row = 8 * 32  # a router row of d_in = 32 per layer (8 layers) and block
+    assert moe["params"] == {"trainable_params_per_task": 4 * per_block + row,
+                             "adapter_params": 8 * per_block + 2 * row,
+                             "active_params_per_token": 4 * per_block + 2 * row}  # top-1: one block's experts
+    for name in ("olora", "moe_lora"):
+        desc = json.loads((tmp_path / f"run-{name}" / "adapters" / "01-NumGLUE-cm" / "adapter.json").read_text())
+        assert [b["name"] for b in desc["blocks"]] == ["FOMC", "NumGLUE-cm"]
+        assert all(layer["block_sizes"] == [4, 4] for layer in desc["layers"].values())  # no pruning
+    w = load_file(str(tmp_path / "run-moe_lora" / "adapters" / "01-NumGLUE-cm" / "adapter.safetensors"))
+    w0 = load_file(str(tmp_path / "run-moe_lora" / "adapters" / "00-FOMC" / "adapter.safetensors"))
+    routers = [k for k in w if k.endswith(".router")]
+    assert len(routers) == 8 and all(w[k].shape == (2, 32) for k in routers)
+    assert all(torch.equal(w[k][:1], w0[k]) for k in routers)  # the first task's router row stayed frozen
+    stats = json.loads((tmp_path / "run-moe_lora" / "stats" / "01-NumGLUE-cm.json").read_text())
+    for layer in stats["layers"].values():  # top-1: every token selects exactly one task expert (4 experts)
+        assert sum(sum(b["selected"]) for b in layer["blocks"]) == 4 * layer["tokens"]
