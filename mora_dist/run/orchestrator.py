@@ -72,6 +72,7 @@ class Orchestrator:
         self.stop_signal: int | None = None
         self.model = self.tok = self.trainer = None
         self._step_seconds = 0.0
+        self._encoded: dict[int, tuple] = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -157,10 +158,12 @@ class Orchestrator:
         key, step = stage.split("/")
         index = int(key.split("-", 1)[0])
         name = self.tasks[index]
-        if step in ("grow",):
+        if step == "grow":
             if index > 0:
                 self.trainer.load_adapter(self.dir.adapter(index - 1, self.tasks[index - 1]))
-        elif step in ("train", "stats", "prune", "save"):
+        elif step == "train":
+            pass  # stage_train starts from the newest checkpoint itself
+        elif step in ("stats", "prune", "save"):
             self.trainer.load_checkpoint(self.dir.ckpt(index, name))
             if step == "save":  # the recorded decision was applied by the (completed) prune stage
                 self.trainer.prune(read_json(self.dir.stats(index, name))["decision"])
@@ -172,6 +175,9 @@ class Orchestrator:
         return self.cfg.tasks[index]
 
     def _train_examples(self, index: int):
+        """The task's encoded training examples (tokenised once per invocation: train and stats share them)."""
+        if index in self._encoded:
+            return self._encoded[index]
         task = self._task(index)
         examples = load_task_examples(task, self.cfg.data.root, "train", limit=self.cfg.train.max_examples,
                                       seed=self.cfg.train.seed)
@@ -180,6 +186,7 @@ class Orchestrator:
         if not encoded:
             raise ConfigError(f"task {task.name!r}: every training example is longer than model.max_length="
                               f"{self.cfg.model.max_length}; raise it")
+        self._encoded = {index: (encoded, report)}  # keep only the current task's
         return encoded, report
 
     def _task_plan(self, index: int, n_examples: int) -> tuple[int, float, int]:
