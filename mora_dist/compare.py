@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mora_dist.config import METHODS, ConfigError, RunConfig, load_config
 from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS
-from mora_dist.io import atomic_write_json, read_json
+from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 
 VARIANTS = {m: (m, []) for m in METHODS}
 VARIANTS["mora_noprune"] = ("mora", ["prune.enabled=false"])
@@ -260,7 +260,5 @@ def write_comparison(run_dirs: dict[str, Path], out_dir: str | os.PathLike) -> d
     render_figure(comp, out / "compare.png")
     comp["figures"] = ["compare.png"]
     atomic_write_json(out / "compare.json", comp)
-    tmp = out / ".compare.md.tmp"
-    tmp.write_text(render_markdown(comp), encoding="utf-8")
-    os.replace(tmp, out / "compare.md")
+    atomic_write_text(out / "compare.md", render_markdown(comp))
     return comp
