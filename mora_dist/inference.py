@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from mora_dist.data.tokenize import format_prompt
+from mora_dist.evaluation.generation import generate_texts
 from mora_dist.models import load_model, load_tokenizer
 from mora_dist.mora import load_adapter
 
@@ -26,16 +24,9 @@ def load_for_inference(model: str, adapter: str | os.PathLike | None = None, dty
     return lm, tok
 
 
-@torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, chat_template: bool = True,
              batch_size: int = 8) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches, KV cache), decoded without special tokens."""
-    tok.padding_side = "left"
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [format_prompt(tok, p, chat_template) for p in prompts[start:start + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:]:
-            outputs.append(tok.decode(row, skip_special_tokens=True).strip())
-    return outputs
+    """Greedy completions of ``prompts`` (left-padded, length-sorted batches, KV cache), without special tokens."""
+    outputs = generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             chat_template=chat_template, distributed=False)
+    return [o.strip() for o in outputs]

@@ -25,12 +25,15 @@ class EncodeReport:
                 "skipped_long_answers": self.skipped_long_answers, "tokens": self.tokens}
 
 
-def format_prompt(tok, prompt: str, chat_template: bool) -> str:
-    """The prompt text the model sees: the chat template with a generation prompt, or the prompt as is."""
-    if chat_template and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    return prompt
+def format_prompt(tok, prompt: str, chat_template: bool, system_prompt: str | None = None) -> str:
+    """The prompt text the model sees, in training and in evaluation alike: one user turn of the tokenizer's chat
+    template with a generation prompt (after an optional system turn), or the prompt as is when the template is
+    off or the tokenizer has none."""
+    if not (chat_template and getattr(tok, "chat_template", None)):
+        return prompt
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_examples(tok, examples, max_length: int, chat_template: bool = True

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mora_dist.data.tokenize import format_prompt  # one prompt format for training and evaluation
+
 from mora_dist.evaluation.distributed import batches, deal_batches, gather_indexed, rank_and_world
 from mora_dist.evaluation.metrics import default_metric, get_metric, simplification_source
 
@@ -47,15 +49,6 @@ def sample_examples(examples: Sequence[dict], limit: int | None, seed: int = 0) 
         return list(examples)
     keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in keep]
-
-
-def format_prompt(tok, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> str:
-    """The text fed to the model: the prompt itself, or the prompt wrapped by the tokenizer's chat template."""
-    if not chat_template:
-        return prompt
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    messages.append({"role": "user", "content": prompt})
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def truncate_at_stops(text: str, stops: Sequence[str] | None) -> str:
