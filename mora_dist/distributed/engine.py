@@ -119,6 +119,19 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def _import_lazy_modules() -> None:
+    """Import, outside ``zero.Init``, what transformers would otherwise import lazily inside it.
+
+    ``deepspeed.zero.Init`` patches ``torch.Tensor.__new__`` while it is active. transformers (5.x) imports
+    ``torch._dynamo`` lazily from its generation and masking code, and dynamo's polyfills check the signature of
+    ``torch.Tensor.__new__`` when they are first imported: done under the patch, that check raises
+    "Signature mismatch between get_new_tensor_fn_for_dtype.<locals>.new_tensor and tensor_pynew" and every
+    ZeRO-3 start-up dies. Imported once here, before the patch, they stay valid after it.
+    """
+    import torch._dynamo  # noqa: F401  (registers the polyfills against the unpatched Tensor.__new__)
+    import transformers.generation.utils  # noqa: F401  (its lazy imports, e.g. masking_utils, happen now)
+
+
 def build_model(loader: Callable[[], nn.Module], run_cfg: RunConfig, *,
                 persistence_threshold: int | None = None) -> nn.Module:
     """Build the base model; under ZeRO-3 inside ``deepspeed.zero.Init`` so no worker ever holds it whole.
@@ -137,6 +150,7 @@ def build_model(loader: Callable[[], nn.Module], run_cfg: RunConfig, *,
     cfg = ds_config(run_cfg.train, run_cfg.distributed, run_cfg.model.dtype, _world(),
                     persistence_threshold=persistence_threshold)
     _HF_DS_CONFIG = HfDeepSpeedConfig(cfg)
+    _import_lazy_modules()
     # dtype comes from the ds_config (bf16/fp16 sections): DeepSpeed 0.19 ignores an explicit float32 dtype on
     # machines without fp16 support and builds bfloat16 parameters and buffers.
     with deepspeed.zero.Init(config_dict_or_path=cfg):
