@@ -8,7 +8,7 @@ Subcommands:
     eval      evaluate a base model plus a saved adapter on tasks of a config and/or a general suite
     demo      train MoRA briefly on a short stream of real tasks, save the adapter, reload it, generate
     generate  greedy generation from a base model plus an optional saved adapter
-    validate  print the resolved run config (YAML + overrides)
+    validate  print the resolved run config (YAML + overrides) and check every task's data (no model is loaded)
 """
 
 from __future__ import annotations
@@ -19,9 +19,20 @@ import sys
 
 def _cmd_validate(args) -> int:
     from mora_dist.config import dump_config, load_config
+    from mora_dist.data.check import check_stream_data
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
+    if args.config_only:
+        return 0
+    loader = None
+    if not args.no_tokenizer:
+        from mora_dist.models import load_tokenizer
+
+        def loader():
+            return load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    check = check_stream_data(cfg, loader)  # every file is read before the tokenizer loads
+    print(f"# data: every split the run uses reads and checks out\n{check.summary()}", file=sys.stderr)
     return 0
 
 
@@ -155,9 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     e.set_defaults(func=_cmd_eval)
 
-    v = sub.add_parser("validate", help="print the resolved run config")
+    v = sub.add_parser("validate", help="print the resolved run config and check every task's data")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    v.add_argument("--config-only", action="store_true", help="only resolve and print the config")
+    v.add_argument("--no-tokenizer", action="store_true",
+                   help="skip the answer-length check (it loads the tokenizer, never the model)")
     v.set_defaults(func=_cmd_validate)
 
     g = sub.add_parser("generate", help="greedy generation with a base model and an optional adapter")

@@ -133,7 +133,8 @@ class Orchestrator:
         from mora_dist.mora import inject_mora
 
         m = self.cfg.model
-        self.tok = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
+        if self.tok is None:
+            self.tok = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
         if self.world > 1:
             from mora_dist.distributed import engine as eng
             from mora_dist.run.trainer import DeepSpeedTrainer
@@ -402,6 +403,7 @@ class Orchestrator:
             if not pending:
                 self.log(f"run {self.dir.root} is complete: nothing to do")
                 return 0
+            self._agree(self._check_data() if self.main else None)
             self.log(f"{len(state.done)} stage(s) done, {len(pending)} to go; next: {pending[0]}")
             restored = False
             for stage in pending:
@@ -427,6 +429,23 @@ class Orchestrator:
                 lock.release()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+
+    def _check_data(self) -> Exception | None:
+        """Rank 0 reads and checks every split the stream will use before any stage runs (fail fast)."""
+        from mora_dist.data import DataError
+        from mora_dist.data.check import check_stream_data
+        from mora_dist.models import ModelSourceError, load_tokenizer
+
+        def loader():
+            m = self.cfg.model
+            self.tok = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
+            return self.tok
+
+        try:
+            check_stream_data(self.cfg, loader)
+        except (DataError, ModelSourceError) as err:
+            return err
+        return None
 
     def _agree(self, error: Exception | None) -> None:
         """Raise on every rank if rank 0 failed (so that no rank waits for the others forever)."""
