@@ -200,7 +200,7 @@ class EvalConfig:
         max_examples: in-domain examples per task (a fixed seeded subsample); null = all.
         batch_size: prompts per generation batch.
         seed: seed of the subsamples.
-        general: general-capability suite: lm-eval task names (local ones: see ``evals/``); empty = none.
+        general: general-capability suite: lm-eval task names (local ones: see ``mora_dist/evals/``); empty = none.
         general_limit: documents per general task (lm-eval's ``limit``); null = all.
         chat_template: format in-domain prompts with the chat template (as in training).
     """

