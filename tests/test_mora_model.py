@@ -167,3 +167,28 @@ def test_remove_experts_drops_exactly_those(tiny_llama):
     assert torch.equal(A2, A[[0, 1, 2, 3, 4, 6]]) and torch.equal(B2, B[:, [0, 1, 2, 3, 4, 6]])
     with pytest.raises(IndexError):
         layer.remove_experts(0, [7])
+
+
+def test_adapter_onto_a_model_with_other_gate_settings_is_explicit(tiny_llama, tmp_path, capsys):
+    fresh = copy.deepcopy(tiny_llama)
+    inject_mora(tiny_llama, MoRAConfig(r_task=4, k=3, tau=0.1, delta=0.1))
+    add_block(tiny_llama, "a")
+    _train_steps(tiny_llama)
+    freeze_blocks(tiny_llama)
+    save_adapter(tiny_llama, tmp_path / "ad")
+    inject_mora(fresh, MoRAConfig(r_task=4, k=2, tau=0.1, delta=0.1))
+    with pytest.raises(AdapterError, match=r"k: model 2 vs adapter 3.*gate_from='adapter'"):
+        load_adapter(fresh, tmp_path / "ad")
+    ids = torch.randint(0, 128, (3, 10))
+    load_adapter(fresh, tmp_path / "ad", gate_from="adapter")  # the adapter's k wins, and it says so
+    assert "replace the model's (k: model 2 vs adapter 3)" in capsys.readouterr().err
+    assert fresh.mora_config.k == 3
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, fresh(ids).logits)
+    fresh.mora_config = MoRAConfig(r_task=4, k=1, tau=0.1, delta=0.1)  # as injected with k=1
+    load_adapter(fresh, tmp_path / "ad", gate_from="model")  # the model's k stays
+    assert "keeping the model's gate settings (k: model 1 vs adapter 3)" in capsys.readouterr().err
+    assert fresh.mora_config.k == 1 and next(iter(mora_layers(fresh).values())).k == 1
+    fresh.mora_config = MoRAConfig(r_task=4, k=3, tau=0.1, delta=0.1, gated=False)
+    with pytest.raises(AdapterError, match="gated: model False vs adapter True.*gate mode"):
+        load_adapter(fresh, tmp_path / "ad", gate_from="model")

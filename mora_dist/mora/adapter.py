@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,19 +117,57 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return load_file(str(w_path)), description
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last: bool | None = None) -> nn.Module:
+# Gate settings that change what a trained bank computes; the first four may differ by request (``gate_from``).
+TUNABLE_GATE = ("k", "tau", "delta", "delta_mode", "eps")
+STRUCTURAL_GATE = ("gated", "gate", "router_top_k")
+GATE_FROM = ("same", "adapter", "model")
+
+
+def _gate_config(model: nn.Module, saved: MoRAConfig, directory, gate_from: str) -> MoRAConfig:
+    """The MoRA config to load with: the adapter's, reconciled with the gate settings ``model`` was injected with."""
+    if gate_from not in GATE_FROM:
+        raise AdapterError(f"gate_from={gate_from!r}: choose one of {', '.join(GATE_FROM)}")
+    current = getattr(model, "mora_config", None)
+    if current is None or not mora_layers(model):
+        return saved  # a plain base model: the adapter's settings, nothing to reconcile
+    differ = {f: (getattr(current, f), getattr(saved, f)) for f in TUNABLE_GATE + STRUCTURAL_GATE
+              if getattr(current, f) != getattr(saved, f)}
+    if not differ:
+        return saved
+    listing = ", ".join(f"{f}: model {m!r} vs adapter {a!r}" for f, (m, a) in differ.items())
+    structural = [f for f in differ if f in STRUCTURAL_GATE]
+    if gate_from == "same" or (gate_from == "model" and structural):
+        how = ("load it onto a base model injected with the adapter's gate mode" if structural and gate_from == "model"
+               else "pass gate_from='adapter' to use the adapter's settings, or gate_from='model' to keep the "
+                    "model's (e.g. to evaluate with another k, tau or delta)")
+        raise AdapterError(f"{directory}: the model was injected with other gate settings than the adapter was "
+                           f"saved with ({listing}); {how}")
+    if gate_from == "adapter":
+        print(f"[mora-dist] {directory}: the adapter's gate settings replace the model's ({listing})",
+              file=sys.stderr, flush=True)
+        return saved
+    print(f"[mora-dist] {directory}: keeping the model's gate settings ({listing})", file=sys.stderr, flush=True)
+    return replace(saved, **{f: getattr(current, f) for f in TUNABLE_GATE})
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last: bool | None = None,
+                 gate_from: str = "same") -> nn.Module:
     """Inject MoRA into a fresh base ``model`` (if needed) and load an adapter onto it, in place.
 
     Args:
         model: the base model the adapter was trained on (same architecture and shapes).
         directory: an adapter folder written by ``save_adapter``.
         trainable_last: keep the last block trainable (resume a mid-task checkpoint). Default: as saved.
+        gate_from: when ``model`` already carries MoRA layers injected with other gate settings (k, tau, delta,
+            ...) than the adapter's: ``same`` (default) refuses, ``adapter`` uses the adapter's and says so,
+            ``model`` keeps the model's k/tau/delta/delta_mode/eps and says so (the gate mode must match).
 
     Raises:
-        AdapterError: the adapter does not fit the model (names the layer, the expected and found shapes).
+        AdapterError: the adapter does not fit the model (names the layer, the expected and found shapes), or its
+            gate settings differ from the model's and ``gate_from`` does not say which win.
     """
     state, desc = read_adapter(directory)
-    config = MoRAConfig.from_dict(desc["mora"])
+    config = _gate_config(model, MoRAConfig.from_dict(desc["mora"]), directory, gate_from)
     if not mora_layers(model):
         inject_mora(model, config)
     layers = mora_layers(model)
