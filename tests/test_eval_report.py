@@ -38,7 +38,8 @@ def _check(rep: dict) -> None:
     assert m["BWT_trace"] == pytest.approx(0.5 / 3)
     assert m["FWT"] == pytest.approx(0.4 - 0.3)  # j=1 has no base score: only j=2 counts
     assert m["forgetting"] == pytest.approx((0.3 + 0.2) / 2)
-    assert set(m["conventions"]) == {"AP", "BWT", "BWT_trace", "FWT", "forgetting"}
+    assert set(m["conventions"]) == {"AP", "BWT", "BWT_trace", "FWT", "forgetting", "LA"}
+    assert m["LA"] == pytest.approx((0.8 + 0.9 + 0.9) / 3)
     g = rep["general"]
     assert g["names"] == ["local_arc_easy", "local_mmlu"]
     assert g["change_from_base"][3] == pytest.approx([0.42 - 0.50, 0.25 - 0.30])
