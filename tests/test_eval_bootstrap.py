@@ -114,3 +114,25 @@ def test_unpaired_or_missing_examples_are_reported(tmp_path):
         BootstrapSettings(resamples=0)
     with pytest.raises(ValueError):
         BootstrapSettings(confidence=1.0)
+
+
+def test_report_shows_intervals_and_learning_accuracy(tmp_path):
+    from mora_dist.evaluation.report import rebuild_report
+
+    run = _write_run(tmp_path / "r1", RUN1)
+    rep = rebuild_report(run, HALF)
+    assert rep["intervals"] == run_intervals(run, TASKS, HALF)
+    assert rep["metrics"]["LA"] == pytest.approx((2 / 3 + 1) / 2)
+    assert rep["metrics"]["LA_per_task"] == pytest.approx({"A": 2 / 3, "B": 1.0})
+    for key in ("AP", "LA", "forgetting"):
+        lo, hi = rep["intervals"]["metrics"][key]
+        assert lo <= hi
+    on_disk = json.loads((run / "report" / "report.json").read_text())
+    assert on_disk["intervals"]["resamples"] == 5 and on_disk["intervals"]["seed"] == 0
+    md = (run / "report" / "report.md").read_text()
+    lo, hi = rep["intervals"]["metrics"]["AP"]
+    assert f"| AP | {rep['metrics']['AP']:.4f} | [{lo:.4f}, {hi:.4f}] |" in md
+    assert "| metric | value | 50% CI | convention |" in md and "percentile bootstrap" in md
+    # LA per task beside the base model's score: A 2/3 after training vs 1/3 at the base
+    assert "| A | 0.6667 |" in md and "| 0.3333 | +0.3333 |" in md
+    assert "zero-shot rows before task j was learned do not count" in md

@@ -63,6 +63,9 @@ def test_build_report_from_data(tmp_path):
     assert "| BWT | -0.2500 |" in md and "Lopez-Paz" in md
     assert "| after Py150 | -0.0800 | -0.0500 |" in md
     assert "![accuracy_matrix](accuracy_matrix.png)" in md
+    assert on_disk["intervals"]["available"] is False and "No intervals: built from scores alone" in md
+    assert on_disk["metrics"]["LA_per_task"] == pytest.approx({"FOMC": 0.8, "C-STANCE": 0.9, "Py150": 0.9})
+    assert "| C-STANCE | 0.9000 | – | – | – |" in md  # no base score: no gain
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -87,6 +90,7 @@ def test_rebuild_report_from_stage_files(tmp_path):
     rep = rebuild_report(tmp_path)
     _check(rep)
     assert rep["metric_names"]["Py150"] == "edit_similarity"
+    assert rep["intervals"]["available"] is False and "samples.json" in rep["intervals"]["reason"]
     assert (tmp_path / "report" / "expert_usage_mlp.png").is_file()
 
 
