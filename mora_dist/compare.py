@@ -1,4 +1,4 @@
-"""``mora-dist compare CONFIG --methods mora,seq_lora,olora,moe_lora [--seeds 0,1,2] [overrides]``: methods side by side.
+"""``mora-dist compare CONFIG --methods mora,seq_lora,olora,moe_lora [--seeds 0,1,2] [overrides]``: methods compared.
 
 Each method runs the config's stream, data order and seeds in its own sibling run directory
 ``<run_dir>-<method>`` (with ``--seeds``: ``<run_dir>-<method>-seed<S>``, one per training seed ``train.seed=S``)

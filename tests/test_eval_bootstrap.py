@@ -57,7 +57,8 @@ def test_run_intervals_equal_the_hand_computed_resamples(tmp_path):
 
 
 def test_paired_differences_equal_the_hand_computed_resamples(tmp_path):
-    # Method 1 per resample as in the test above. Method 2 on the same resamples: R[2][A] = 1 and R[1][A] = 1 always; R[2][B] = 0, 2/3, 1, 2/3, 1;
+    # Method 1 per resample as in the test above. Method 2 on the same resamples: R[2][A] = 1 and R[1][A] = 1
+    # always; R[2][B] = 0, 2/3, 1, 2/3, 1;
     # R[1][B] = 0 -> AP 1/2, 5/6, 1, 5/6, 1; forgetting 0; FWT 0; LA 1/2, 5/6, 1, 5/6, 1.
     d1, d2 = _write_run(tmp_path / "m1", RUN1), _write_run(tmp_path / "m2", RUN2)
     out = paired_intervals({"m1": [d1], "m2": [d2]}, TASKS, "m1", HALF, indices=IDX)
