@@ -44,10 +44,21 @@ def _cmd_run(args) -> int:
     return run(cfg, Limits(max_stages=args.max_stages, until_task=args.until_task, time_budget=args.time_budget))
 
 
-def _cmd_compare(args) -> int:
-    from mora_dist.compare import parse_methods, run_compare
+def _bootstrap(args):
+    from mora_dist.config import ConfigError
+    from mora_dist.evaluation.bootstrap import BootstrapSettings
 
-    return run_compare(args.config, parse_methods(args.methods), args.overrides)
+    try:
+        return BootstrapSettings(args.resamples, args.confidence, args.ci_seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _cmd_compare(args) -> int:
+    from mora_dist.compare import parse_methods, parse_seeds, run_compare
+
+    return run_compare(args.config, parse_methods(args.methods), args.overrides, seeds=parse_seeds(args.seeds),
+                       bootstrap=_bootstrap(args))
 
 
 def _cmd_status(args) -> int:
@@ -59,7 +70,7 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from mora_dist.evaluation.report import rebuild_report
 
-    rep = rebuild_report(args.run_dir)
+    rep = rebuild_report(args.run_dir, _bootstrap(args))
     print(f"report written to {args.run_dir}/report: " + ", ".join(
         f"{k}={v:.4f}" for k, v in rep["metrics"].items() if isinstance(v, float)))
     return 0
@@ -145,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides shared by every method")
     c.add_argument("--methods", default="mora,seq_lora,olora,moe_lora",
                    help="comma-separated: mora, seq_lora, olora, moe_lora, mora_noprune")
+    c.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds (train.seed): one run per method and seed in "
+                        "<run_dir>-<method>-seed<S>, reported as mean ± spread over seeds")
+    _bootstrap_options(c)
     c.set_defaults(func=_cmd_compare)
 
     s = sub.add_parser("status", help="show the progress of a run directory")
@@ -153,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="rebuild the report of a run directory from stored results")
     rp.add_argument("run_dir")
+    _bootstrap_options(rp)
     rp.set_defaults(func=_cmd_report)
 
     e = sub.add_parser("eval", help="evaluate a model (plus an adapter) on a config's tasks and/or a general suite")
@@ -195,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+def _bootstrap_options(parser) -> None:
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test examples")
+    parser.add_argument("--confidence", type=float, default=0.95, help="coverage of the confidence intervals")
+    parser.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,18 @@
-"""``mora-dist compare CONFIG --methods mora,seq_lora,olora,moe_lora [overrides]``: methods side by side.
+"""``mora-dist compare CONFIG --methods mora,seq_lora,olora,moe_lora [--seeds 0,1,2] [overrides]``: methods compared.
 
 Each method runs the config's stream, data order and seeds in its own sibling run directory
-``<run_dir>-<method>`` through the ordinary orchestrator (so each is resumable exactly like ``mora-dist run``:
-rerun the same command after a crash and finished methods are skipped); then one comparison is written to
-``<run_dir>-compare/``:
+``<run_dir>-<method>`` (with ``--seeds``: ``<run_dir>-<method>-seed<S>``, one per training seed ``train.seed=S``)
+through the ordinary orchestrator, so each is resumable exactly like ``mora-dist run``: rerun the same command
+after a crash and finished runs are skipped. Then one comparison is written to ``<run_dir>-compare/``:
 
-* ``compare.json``: per method the continual-learning metrics of its ``report/report.json`` (AP, BWT in both
-  conventions, FWT, forgetting), the mean general-capability change from the base model after the last task,
-  the final row of scores, parameter counts, training and evaluation time from ``state.json``, seeds and
-  sample counts;
+* ``compare.json``: per method (``runs``; with ``--seeds``: ``seed_runs`` per seed and ``aggregate``, the mean,
+  standard deviation, minimum and maximum over seeds of every metric and of every difference from the reference)
+  the continual-learning metrics of its ``report/report.json`` (AP, BWT in both conventions, FWT, forgetting,
+  learning accuracy LA and its per-task values), the mean general-capability change from the base model after the
+  last task, the final row of scores, parameter counts, training and evaluation time from ``state.json``, seeds
+  and sample counts; ``intervals``: the paired bootstrap over test examples (``evaluation.bootstrap``) of every
+  metric per method (of its mean over seeds) and of every difference ``method - reference`` (the reference is
+  ``mora`` when compared, else the first method), each marked resolved when its interval excludes 0;
 * ``compare.md``: the same as tables;
 * ``compare.png``: final score per task per method, and AP / BWT per method.
 
@@ -26,15 +30,20 @@ stage completed is not counted.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from mora_dist.compare_render import fmt, render_figure, render_markdown
 from mora_dist.config import METHODS, ConfigError, RunConfig, load_config
-from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS
+from mora_dist.evaluation.bootstrap import BootstrapSettings, paired_intervals
+from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, METRIC_NAMES
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 
 VARIANTS = {m: (m, []) for m in METHODS}
 VARIANTS["mora_noprune"] = ("mora", ["prune.enabled=false"])
-METRICS = ("AP", "BWT", "BWT_trace", "FWT", "forgetting")
+METRICS = METRIC_NAMES  # AP, BWT, BWT_trace, FWT, forgetting, LA
 
 
 def parse_methods(text: str) -> list[str]:
@@ -49,12 +58,26 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def method_config(config: str | os.PathLike, overrides: list[str], name: str) -> RunConfig:
-    """The run config of one method: the shared config and overrides, the method, its own run directory."""
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` as a list of distinct integers (``None`` when not given)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
+
+
+def method_config(config: str | os.PathLike, overrides: list[str], name: str, seed: int | None = None) -> RunConfig:
+    """The run config of one method (and training seed): shared config and overrides, method, own run directory."""
     base = load_config(config, overrides)
     method, extra = VARIANTS[name]
+    extra = list(extra) + ([f"train.seed={seed}"] if seed is not None else [])
     cfg = load_config(config, list(overrides) + [f"method={method}"] + extra)
-    cfg.run_dir = f"{base.run_dir}-{name}"
+    cfg.run_dir = f"{base.run_dir}-{name}" + (f"-seed{seed}" if seed is not None else "")
     return cfg
 
 
@@ -62,31 +85,38 @@ def compare_dir(config: str | os.PathLike, overrides: list[str]) -> Path:
     return Path(f"{load_config(config, overrides).run_dir}-compare")
 
 
-def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[str], limits=None) -> int:
-    """Run (or resume) every method in turn, then write the comparison; returns the exit code.
+def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[str], limits=None,
+                seeds: list[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> int:
+    """Run (or resume) every method (for every seed) in turn, then write the comparison; returns the exit code.
 
-    A method that stops early (a signal, a limit) ends the command with its code; the comparison is written
-    once every method's run is complete.
+    A run that stops early (a signal, a limit) ends the command with its code; the comparison is written once
+    every run is complete. Without ``seeds`` each method runs once with the config's ``train.seed``.
     """
     from mora_dist.run.orchestrator import run
     from mora_dist.run.state import RunDir, RunState
 
-    run_dirs = {}
-    for name in methods:
-        cfg = method_config(config, overrides, name)
-        print(f"[mora-dist compare] method {name}: {cfg.run_dir}", flush=True)
-        code = run(cfg, limits)
-        if code != 0:
-            return code
-        state = RunState(RunDir(Path(cfg.run_dir)), [t.name for t in cfg.tasks], persist=False)
-        if not state.finished:
-            print(f"[mora-dist compare] {cfg.run_dir} is not finished (limits); rerun to continue", flush=True)
-            return 0
-        run_dirs[name] = Path(cfg.run_dir)
+    run_dirs: dict[str, list[Path]] = {name: [] for name in methods}
+    for seed in seeds or [None]:
+        for name in methods:
+            cfg = method_config(config, overrides, name, seed)
+            label = name if seed is None else f"{name}, seed {seed}"
+            print(f"[mora-dist compare] method {label}: {cfg.run_dir}", flush=True)
+            code = run(cfg, limits)
+            if code != 0:
+                return code
+            state = RunState(RunDir(Path(cfg.run_dir)), [t.name for t in cfg.tasks], persist=False)
+            if not state.finished:
+                print(f"[mora-dist compare] {cfg.run_dir} is not finished (limits); rerun to continue", flush=True)
+                return 0
+            run_dirs[name].append(Path(cfg.run_dir))
     out = compare_dir(config, overrides)
-    comparison = write_comparison(run_dirs, out)
+    try:
+        comparison = write_comparison(run_dirs, out, seeds=seeds, bootstrap=bootstrap)
+    except ValueError as err:  # runs that cannot be compared (another stream, other test examples)
+        raise ConfigError(f"cannot compare the runs: {err}") from err
+    summary = comparison["aggregate"] if seeds else comparison["runs"]
     print(f"[mora-dist compare] comparison written to {out}: " + ", ".join(
-        f"{m} AP={_fmt(r['metrics']['AP'])}" for m, r in comparison["runs"].items()), flush=True)
+        f"{m} AP={fmt(r['AP']['mean'] if seeds else r['metrics']['AP'])}" for m, r in summary.items()), flush=True)
     return 0
 
 
@@ -137,6 +167,7 @@ def collect_run(run_dir: Path) -> dict:
         "prune_enabled": cfg.prune.enabled,
         "tasks": tasks,
         "metrics": {k: report["metrics"].get(k) for k in METRICS},
+        "LA_per_task": report["metrics"].get("LA_per_task") or {},
         "final_scores": dict(zip(tasks, report["matrix"][-1])),
         "metric_names": report.get("metric_names", {}),
         "general_change": sum(change) / len(change) if change else None,
@@ -157,106 +188,71 @@ def collect_run(run_dir: Path) -> dict:
     }
 
 
-def build_comparison(run_dirs: dict[str, Path]) -> dict:
-    """The ``compare.json`` content for finished runs ``{method: run_dir}`` of one stream."""
-    runs = {name: collect_run(Path(d)) for name, d in run_dirs.items()}
-    streams = {tuple(r["tasks"]) for r in runs.values()}
+def spread(values: Sequence[float | None]) -> dict:
+    """Mean, sample standard deviation (n - 1), minimum and maximum of the defined values, and their count."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Sequence[int] | None = None,
+                     bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
+    """The ``compare.json`` content for finished runs of one stream.
+
+    Args:
+        run_dirs: ``{method: run_dir}``, or ``{method: [run_dir per seed]}`` in the order of ``seeds``.
+        seeds: the training seeds (``None``: one run per method with the config's seed).
+        bootstrap: settings of the paired bootstrap.
+    """
+    groups = {m: [Path(d)] if isinstance(d, (str, os.PathLike)) else [Path(x) for x in d]
+              for m, d in run_dirs.items()}
+    n_seeds = len(seeds) if seeds is not None else 1
+    if any(len(d) != n_seeds for d in groups.values()):
+        raise ValueError(f"expected {n_seeds} run(s) per method, got {({m: len(d) for m, d in groups.items()})}")
+    runs = {m: [collect_run(d) for d in dirs] for m, dirs in groups.items()}
+    streams = {tuple(r["tasks"]) for rs in runs.values() for r in rs}
     if len(streams) != 1:
         raise ValueError(f"the runs do not share one stream: {sorted(streams)}")
-    seeds = {(r["seeds"]["train"], r["seeds"]["eval"]) for r in runs.values()}
-    if len(seeds) != 1:
-        raise ValueError(f"the runs do not share their seeds: {sorted(seeds)}")
-    return {"tasks": list(next(iter(streams))), "methods": list(runs), "runs": runs,
+    for i in range(n_seeds):
+        used = {(rs[i]["seeds"]["train"], rs[i]["seeds"]["eval"]) for rs in runs.values()}
+        if len(used) != 1:
+            raise ValueError(f"the runs do not share their seeds: {sorted(used)}")
+    tasks = list(next(iter(streams)))
+    reference = "mora" if "mora" in groups else next(iter(groups))
+    intervals = paired_intervals(groups, tasks, reference, bootstrap)
+    diffs = {m: {k: [_diff(r["metrics"][k], ref["metrics"][k]) for r, ref in zip(rs, runs[reference])]
+                 for k in METRICS} for m, rs in runs.items() if m != reference}
+    for m, per_metric in (intervals.get("differences") or {}).items():
+        for k, entry in per_metric.items():
+            entry["value"] = spread(diffs[m][k])["mean"]
+    comp = {"tasks": tasks, "methods": list(groups), "reference": reference, "intervals": intervals,
             "conventions": dict(FORGETTING_CONVENTIONS)}
+    if seeds is None:
+        comp["runs"] = {m: rs[0] for m, rs in runs.items()}
+    else:
+        comp["seeds"] = list(seeds)
+        comp["seed_runs"] = {m: {str(s): r for s, r in zip(seeds, rs)} for m, rs in runs.items()}
+        comp["aggregate"] = {m: {k: spread([r["metrics"][k] for r in rs]) for k in METRICS}
+                             for m, rs in runs.items()}
+        for m, rs in runs.items():
+            comp["aggregate"][m]["general_change"] = spread([r["general_change"] for r in rs])
+            comp["aggregate"][m]["LA_per_task"] = {t: spread([r["LA_per_task"].get(t) for r in rs]) for t in tasks}
+        comp["aggregate_differences"] = {m: {k: spread(v) for k, v in d.items()} for m, d in diffs.items()}
+    return comp
 
 
-# ----------------------------------------------------------------------------------------------- writing
-def _fmt(v, signed: bool = False) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, int):
-        return f"{v:,}"
-    v = v + 0.0  # no "-0.0000"
-    return f"{v:+.4f}" if signed else f"{v:.4f}"
-
-
-def _table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-
-
-def render_markdown(comp: dict) -> str:
-    runs, tasks = comp["runs"], comp["tasks"]
-    out = ["# Method comparison", "", f"Stream: {' → '.join(tasks)}. Same data order and seeds for every method "
-           f"(train seed {next(iter(runs.values()))['seeds']['train']}, eval seed "
-           f"{next(iter(runs.values()))['seeds']['eval']}).", "", "## Continual-learning metrics", ""]
-    out += _table(["method"] + list(METRICS) + ["general Δ"],
-                  [[m] + [_fmt(r["metrics"][k], signed=k in ("BWT", "FWT")) for k in METRICS]
-                   + [_fmt(r["general_change"], signed=True)] for m, r in runs.items()])
-    out += ["", "General Δ: mean change of the general-suite scores from the base model after the last task.", "",
-            "## Cost", ""]
-    out += _table(["method", "trainable params / task", "adapter params", "active params / token", "train s",
-                   "total s", "pruning"],
-                  [[m, _fmt(r["params"]["trainable_params_per_task"]), _fmt(r["params"]["adapter_params"]),
-                    _fmt(r["params"]["active_params_per_token"]), f"{r['time_s']['train']:.1f}",
-                    f"{r['time_s']['total']:.1f}", "on" if r["prune_enabled"] else "off"] for m, r in runs.items()])
-    out += ["", "## Settings", ""]
-    out += _table(["method", "gate", "r_task", "experts kept / token", "O-LoRA λ_orth / λ_l2", "lr", "steps / epochs"],
-                  [[m, ("router" if r["settings"]["gate"] == "router" else "self") if r["settings"]["gated"]
-                    else "none (LoRA)", r["settings"]["r_task"],
-                    (f"top-{r['settings']['router_top_k']} tasks" if r["settings"]["gate"] == "router" else
-                     (f"k={r['settings']['k']}" if r["settings"]["gated"] else "all")),
-                    (f"{r['settings']['olora']['lambda_orth']} / {r['settings']['olora']['lambda_l2']}"
-                     if r["settings"]["olora"] else "–"), r["settings"]["lr"],
-                    r["settings"]["max_steps"] if r["settings"]["max_steps"] else r["settings"]["epochs"]]
-                   for m, r in runs.items()])
-    out += ["", "## Final score per task", ""]
-    out += _table(["method"] + tasks, [[m] + [_fmt(r["final_scores"][t]) for t in tasks] for m, r in runs.items()])
-    out += ["", "## Samples", ""]
-    out += _table(["method", "train examples", "train steps", "train tokens", "eval examples"],
-                  [[m] + [" / ".join(str(r["samples"][key][t]) for t in tasks)
-                          for key in ("train_examples", "train_steps", "train_tokens", "eval_examples")]
-                   for m, r in runs.items()])
-    out += ["", "Per task, in stream order.", "", "## Conventions", ""]
-    out += [f"* **{k}**: {v}" for k, v in comp["conventions"].items()]
-    out += ["", "![comparison](compare.png)"]
-    return "\n".join(out) + "\n"
-
-
-def render_figure(comp: dict, path: Path) -> Path:
-    """Final score per task per method (grouped bars) and AP / BWT per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs, tasks = comp["runs"], comp["tasks"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9.0, 1.2 * len(tasks) * len(runs) / 2 + 6), 4.5))
-    width = 0.8 / len(runs)
-    for i, (m, r) in enumerate(runs.items()):
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(tasks))]
-        ax1.bar(xs, [r["final_scores"][t] or 0.0 for t in tasks], width, label=m)
-    ax1.set_xticks(range(len(tasks)), labels=tasks, rotation=30, ha="right")
-    ax1.set_ylabel("score after the last task"), ax1.set_title("Final score per task")
-    ax1.legend(fontsize=8)
-    names = list(runs)
-    for i, (key, label) in enumerate((("AP", "AP"), ("BWT", "BWT (Lopez-Paz)"))):
-        xs = [j + (i - 0.5) * 0.4 for j in range(len(names))]
-        ax2.bar(xs, [runs[m]["metrics"][key] or 0.0 for m in names], 0.4, label=label)
-    ax2.axhline(0, color="black", linewidth=0.8)
-    ax2.set_xticks(range(len(names)), labels=names)
-    ax2.set_title("AP and BWT per method"), ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_comparison(run_dirs: dict[str, Path], out_dir: str | os.PathLike) -> dict:
+def write_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], out_dir: str | os.PathLike,
+                     seeds: Sequence[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
     """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out_dir``; returns the JSON content."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    comp = build_comparison(run_dirs)
+    comp = build_comparison(run_dirs, seeds, bootstrap)
     render_figure(comp, out / "compare.png")
     comp["figures"] = ["compare.png"]
     atomic_write_json(out / "compare.json", comp)

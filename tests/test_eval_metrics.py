@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mora_dist.evaluation import metrics as M
 from mora_dist.evaluation.forgetting import (average_performance, backward_transfer, backward_transfer_trace,
-                                             forgetting, forgetting_metrics, forward_transfer)
+                                             batch_metrics, forgetting, forgetting_metrics, forward_transfer,
+                                             learning_accuracy, learning_accuracy_per_task)
 
 
 def test_accuracy_label_rule():
@@ -109,9 +111,47 @@ def test_forgetting_metrics_with_nulls():
     assert m["forgetting"] == pytest.approx(0.9 - 0.7)
 
 
+def test_forgetting_starts_at_the_row_where_the_task_was_learned():
+    R4 = [row[:] for row in R]
+    R4[1][1] = 0.95  # task 1 scored higher zero-shot (after task 0) than right after training on it (0.9)
+    # task 0: rows 1, 2 -> max(0.8 - 0.5, 0.6 - 0.5) = 0.3; task 1: row 2 only -> 0.9 - 0.7 = 0.2 (not 0.95 - 0.7)
+    assert forgetting(R4) == pytest.approx((0.3 + 0.2) / 2)
+    # the learned row's own score counts even when it is the maximum: a task that only dropped
+    R5 = [[0.0, 0.0, 0.0, 0.0],
+          [0.9, 0.8, 0.0, 0.0],
+          [0.4, 0.3, 0.0, 0.0],
+          [0.5, 0.6, 0.7, 0.9],
+          [0.2, 0.1, 0.6, 0.5]]
+    # j=0: rows 1..3 -> max(0.7, 0.2, 0.3) = 0.7; j=1: rows 2..3 -> max(0.2, 0.5) = 0.5; j=2: row 3 -> 0.1
+    assert forgetting(R5) == pytest.approx((0.7 + 0.5 + 0.1) / 3)
+    assert backward_transfer(R5) == pytest.approx(((0.2 - 0.9) + (0.1 - 0.3) + (0.6 - 0.7)) / 3)
+
+
+def test_learning_accuracy_hand_worked():
+    assert learning_accuracy(R) == pytest.approx((0.8 + 0.9 + 0.9) / 3)
+    assert learning_accuracy_per_task(R) == pytest.approx([0.8, 0.9, 0.9])
+    R6 = [row[:] for row in R]
+    R6[2][1] = None  # task 1 not evaluated right after learning it
+    assert learning_accuracy(R6) == pytest.approx((0.8 + 0.9) / 2)
+    assert learning_accuracy_per_task(R6)[1] is None
+    assert forgetting_metrics(R6)["LA"] == pytest.approx(0.85)
+
+
+def test_batch_metrics_equal_the_per_matrix_values():
+    rng = np.random.default_rng(3)
+    stack = rng.random((6, 5, 4))
+    stack[rng.random(stack.shape) < 0.15] = np.nan
+    batched = batch_metrics(stack)
+    for b in range(len(stack)):
+        one = forgetting_metrics([[None if np.isnan(v) else v for v in row] for row in stack[b]])
+        for key, value in one.items():
+            assert (value is None and np.isnan(batched[key][b])) or batched[key][b] == pytest.approx(value)
+    assert batched["LA_per_task"].shape == (6, 4)
+
+
 def test_single_task_and_bad_shapes():
     m = forgetting_metrics([[0.3], [0.6]])
-    assert m == {"AP": 0.6, "BWT": None, "BWT_trace": None, "FWT": None, "forgetting": None}
+    assert m == {"AP": 0.6, "BWT": None, "BWT_trace": None, "FWT": None, "forgetting": None, "LA": 0.6}
     assert average_performance([[0.3], [None]]) is None
     with pytest.raises(ValueError):
         forgetting_metrics([[0.1, 0.2], [0.3]])

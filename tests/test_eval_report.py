@@ -38,7 +38,8 @@ def _check(rep: dict) -> None:
     assert m["BWT_trace"] == pytest.approx(0.5 / 3)
     assert m["FWT"] == pytest.approx(0.4 - 0.3)  # j=1 has no base score: only j=2 counts
     assert m["forgetting"] == pytest.approx((0.3 + 0.2) / 2)
-    assert set(m["conventions"]) == {"AP", "BWT", "BWT_trace", "FWT", "forgetting"}
+    assert set(m["conventions"]) == {"AP", "BWT", "BWT_trace", "FWT", "forgetting", "LA"}
+    assert m["LA"] == pytest.approx((0.8 + 0.9 + 0.9) / 3)
     g = rep["general"]
     assert g["names"] == ["local_arc_easy", "local_mmlu"]
     assert g["change_from_base"][3] == pytest.approx([0.42 - 0.50, 0.25 - 0.30])
@@ -62,6 +63,9 @@ def test_build_report_from_data(tmp_path):
     assert "| BWT | -0.2500 |" in md and "Lopez-Paz" in md
     assert "| after Py150 | -0.0800 | -0.0500 |" in md
     assert "![accuracy_matrix](accuracy_matrix.png)" in md
+    assert on_disk["intervals"]["available"] is False and "No intervals: built from scores alone" in md
+    assert on_disk["metrics"]["LA_per_task"] == pytest.approx({"FOMC": 0.8, "C-STANCE": 0.9, "Py150": 0.9})
+    assert "| C-STANCE | 0.9000 | – | – | – |" in md  # no base score: no gain
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -86,6 +90,7 @@ def test_rebuild_report_from_stage_files(tmp_path):
     rep = rebuild_report(tmp_path)
     _check(rep)
     assert rep["metric_names"]["Py150"] == "edit_similarity"
+    assert rep["intervals"]["available"] is False and "samples.json" in rep["intervals"]["reason"]
     assert (tmp_path / "report" / "expert_usage_mlp.png").is_file()
 
 

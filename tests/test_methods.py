@@ -271,7 +271,20 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     assert seq["trainable_params_per_task"] == mora["trainable_params_per_task"] == 4 * 2 * (64 + 64 + 48 + 48)
     assert seq["adapter_params"] == seq["active_params_per_token"] == seq["trainable_params_per_task"]
     assert (tmp_path / "run-compare" / "compare.png").stat().st_size > 0
-    assert "| seq_lora |" in (tmp_path / "run-compare" / "compare.md").read_text()
+    md = (tmp_path / "run-compare" / "compare.md").read_text()
+    assert "| seq_lora |" in md and "## Differences from mora" in md and "95% percentile intervals" in md
+    # learning accuracy beside the other metrics, and paired bootstrap intervals of every metric and difference
+    for name, run in comp["runs"].items():
+        assert run["metrics"]["LA"] == pytest.approx(sum(run["LA_per_task"].values()) / 2)
+    ints = comp["intervals"]
+    assert ints["available"] and ints["reference"] == "mora" and ints["examples"] == {"FOMC": 4, "NumGLUE-cm": 4}
+    for key in ("AP", "BWT", "forgetting", "LA", "FWT"):
+        lo, hi = ints["methods"]["seq_lora"][key]
+        value = comp["runs"]["seq_lora"]["metrics"][key]
+        assert lo <= hi and (key not in ("AP", "LA") or lo - 1e-9 <= value <= hi + 1e-9)  # means: inside
+        d = ints["differences"]["seq_lora"][key]
+        point = comp["runs"]["seq_lora"]["metrics"][key] - comp["runs"]["mora"]["metrics"][key]
+        assert d["value"] == pytest.approx(point) and d["resolved"] == (d["interval"][0] > 0 or d["interval"][1] < 0)
     # seq_lora: one block across tasks, and it keeps changing
     descs = [json.loads((tmp_path / "run-seq_lora" / "adapters" / d / "adapter.json").read_text())
              for d in ("00-FOMC", "01-NumGLUE-cm")]
@@ -283,6 +296,62 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     assert all(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith(".B"))
     again = _compare(cfg, "--methods", "mora,seq_lora")  # finished: nothing redone
     assert again.returncode == 0 and again.stdout.count("nothing to do") == 2
+
+
+def test_spread_over_seeds_and_seed_parsing():
+    from mora_dist.compare import parse_seeds, spread
+
+    s = spread([0.5, None, 0.7, 0.9])
+    assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.2)  # sample std (n - 1)
+    assert (s["min"], s["max"], s["n"]) == (0.5, 0.9, 3)
+    assert spread([0.4]) == {"mean": 0.4, "std": None, "min": 0.4, "max": 0.4, "n": 1}
+    assert spread([None])["mean"] is None
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(None) is None
+    for bad in ("", "1,1", "a"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+
+
+@pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
+def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_dir, tmp_path, capsys):
+    from test_orchestrator import write_config
+
+    from mora_dist.cli import main
+
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "run")
+    args = ["compare", str(cfg), "--methods", "mora,seq_lora", "--seeds", "0,1", "--resamples", "200",
+            "train.max_steps=2", "eval.max_examples=3"]
+    assert main(args) == 0
+    comp = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
+    assert comp["seeds"] == [0, 1] and "runs" not in comp
+    for m in ("mora", "seq_lora"):
+        runs = comp["seed_runs"][m]
+        assert [runs[s]["seeds"]["train"] for s in ("0", "1")] == [0, 1]
+        assert [runs[s]["run_dir"] for s in ("0", "1")] == [str(tmp_path / f"run-{m}-seed{s}") for s in (0, 1)]
+        for key in ("AP", "BWT", "forgetting", "LA"):
+            values = [runs[s]["metrics"][key] for s in ("0", "1")]
+            agg = comp["aggregate"][m][key]
+            assert agg["n"] == 2 and agg["mean"] == pytest.approx(sum(values) / 2)
+            assert agg["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+            assert (agg["min"], agg["max"]) == (min(values), max(values))
+    # the two seeds train differently (train.seed), on the same test examples (eval.seed)
+    a0, a1 = (load_file(str(tmp_path / f"run-mora-seed{s}" / "adapters" / "01-NumGLUE-cm" / "adapter.safetensors"))
+              for s in (0, 1))
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0)
+    diff = comp["aggregate_differences"]["seq_lora"]["AP"]
+    per_seed = [comp["seed_runs"]["seq_lora"][s]["metrics"]["AP"] - comp["seed_runs"]["mora"][s]["metrics"]["AP"]
+                for s in ("0", "1")]
+    assert diff["mean"] == pytest.approx(sum(per_seed) / 2)
+    ints = comp["intervals"]
+    assert ints["resamples"] == 200 and ints["differences"]["seq_lora"]["AP"]["value"] == pytest.approx(diff["mean"])
+    md = (tmp_path / "run-compare" / "compare.md").read_text()
+    assert "## Per seed" in md and md.count("| mora | 0 |") == 2 and md.count("| seq_lora | 1 |") == 2
+    assert "Mean ± standard deviation over the 2 seeds" in md and "of the mean over seeds" in md
+    capsys.readouterr()
+    assert main(args) == 0  # every run finished: nothing redone
+    assert capsys.readouterr().out.count("nothing to do") == 4
+    assert main(["compare", str(cfg), "--seeds", "1,x"]) == 2  # a clear error, no traceback
+    assert "--seeds '1,x': give comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")

@@ -18,8 +18,10 @@ Input of ``build_report`` (plain JSON-able data, or a run directory, see below):
 
 ``"matrix"`` (T+1 rows x T columns, null where not evaluated) may be given instead of ``"in_domain"``.
 
-Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with ``conventions``, ``general``
-{``names``, ``matrix``, ``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
+Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with ``LA_per_task`` and
+``conventions``, ``intervals`` (bootstrap confidence intervals of every metric, see ``bootstrap``; available when
+built from a run directory whose evaluations stored per-example scores), ``general`` {``names``, ``matrix``,
+``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
 figures ``accuracy_matrix.png``, ``task_curves.png``, ``general_curves.png`` (when general scores exist) and
 ``expert_usage_<group>.png`` per layer group (when usage data exist).
 
@@ -38,7 +40,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, forgetting_metrics
+from mora_dist.evaluation.bootstrap import BootstrapSettings, run_intervals
+from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, forgetting_metrics, learning_accuracy_per_task
 from mora_dist.evaluation.results import read_stage_results
 from mora_dist.io import atomic_write_json, atomic_write_text
 
@@ -92,23 +95,55 @@ def _change(matrix: list[Row]) -> list[Row]:
     return [[None if v is None or b is None else v - b for v, b in zip(row, base)] for row in matrix]
 
 
-def compute_report(data: Mapping[str, Any]) -> dict:
-    """The ``report.json`` content for ``data`` (see the module docstring)."""
+def compute_report(data: Mapping[str, Any], intervals: Mapping[str, Any] | None = None) -> dict:
+    """The ``report.json`` content for ``data`` (see the module docstring) and the metrics' ``intervals``."""
     d = normalize_input(data)
     metrics: dict[str, Any] = forgetting_metrics(d["matrix"])
+    metrics["LA_per_task"] = dict(zip(d["tasks"], learning_accuracy_per_task(d["matrix"])))
     metrics["conventions"] = dict(FORGETTING_CONVENTIONS)
+    if intervals is None:
+        intervals = {"available": False, "reason": "built from scores alone, without per-example scores"}
     general = {"names": d["general_names"], "matrix": d["general_matrix"],
                "change_from_base": _change(d["general_matrix"]) if d["general_matrix"] else []}
     return {"title": d["title"], "tasks": d["tasks"], "stages": stage_labels(d["tasks"]),
-            "metric_names": d["metric_names"], "matrix": d["matrix"], "metrics": metrics, "general": general,
-            "experts": d["experts"]}
+            "metric_names": d["metric_names"], "matrix": d["matrix"], "metrics": metrics,
+            "intervals": dict(intervals), "general": general, "experts": d["experts"]}
 
 
 # ------------------------------------------------------------------------------------------------- markdown
 def _fmt(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "–"
+    v = v + 0.0  # no "-0.0000"
     return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def _ci(interval: Sequence[float] | None, signed: bool = False) -> str:
+    return "–" if interval is None else f"[{_fmt(interval[0], signed)}, {_fmt(interval[1], signed)}]"
+
+
+def _metric_tables(rep: dict) -> list[str]:
+    """The metrics with their intervals and conventions, and learning accuracy per task beside the base score."""
+    m, ints = rep["metrics"], rep.get("intervals") or {}
+    ci = ints.get("metrics") if ints.get("available") else None
+    level = f"{100 * ints['confidence']:g}% CI" if ci else "CI"
+    out = _table(["metric", "value", level, "convention"],
+                 [[k, _fmt(m[k], signed=k in ("BWT", "FWT")), _ci(ci[k] if ci else None, signed=k in ("BWT", "FWT")),
+                   m["conventions"][k]] for k in FORGETTING_CONVENTIONS])
+    if ci:
+        out += ["", f"Intervals: {100 * ints['confidence']:g}% percentile bootstrap over the test examples "
+                    f"({ints['resamples']} resamples, seed {ints['seed']}; examples per task: "
+                    + ", ".join(f"{t} {n}" for t, n in ints["examples"].items())
+                    + "), the same resampled examples at every stage."]
+    else:
+        out += ["", f"No intervals: {ints.get('reason', 'not computed')}."]
+    base = rep["matrix"][0]
+    out += ["", "Learning accuracy per task (score right after training on it) and its gain over the base model:", ""]
+    out += _table(["task", "LA (R[j+1][j])", level, "base (R[0][j])", "gain"],
+                  [[t, _fmt(m["LA_per_task"][t]), _ci(ci["LA_per_task"].get(t) if ci else None), _fmt(base[j]),
+                    _fmt(None if m["LA_per_task"][t] is None or base[j] is None else m["LA_per_task"][t] - base[j],
+                         signed=True)] for j, t in enumerate(rep["tasks"])])
+    return out
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -127,9 +162,7 @@ def render_markdown(rep: dict, figures: Sequence[str]) -> str:
            ""]
     out += _table(header, [[s] + [_fmt(v) for v in row] for s, row in zip(stages, rep["matrix"])])
     out += ["", "## Continual-learning metrics", ""]
-    out += _table(["metric", "value", "convention"],
-                  [[k, _fmt(rep["metrics"][k], signed=k in ("BWT", "FWT")), rep["metrics"]["conventions"][k]]
-                   for k in FORGETTING_CONVENTIONS])
+    out += _metric_tables(rep)
     g = rep["general"]
     if g["names"]:
         out += ["", "## General capability", ""]
@@ -238,18 +271,26 @@ def render_figures(rep: dict, out_dir: Path) -> list[Path]:
     return figs
 
 
-def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike) -> dict:
+def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike,
+                 bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
     """Write ``report.json``, ``report.md`` and the PNGs to ``out_dir``; returns the ``report.json`` content.
 
     Args:
         run_dir_or_data: the input dict documented in the module docstring, or a run directory whose
-            ``eval/stage_XX_<name>.json`` files are read (see ``load_run_dir``).
+            ``eval/stage_XX_<name>.json`` files are read (see ``load_run_dir``); only a run directory has the
+            per-example scores that the confidence intervals resample.
         out_dir: folder for the outputs (created).
+        bootstrap: resamples, confidence and seed of the intervals.
     """
-    data = load_run_dir(run_dir_or_data) if isinstance(run_dir_or_data, (str, os.PathLike)) else run_dir_or_data
+    intervals = None
+    if isinstance(run_dir_or_data, (str, os.PathLike)):
+        data = load_run_dir(run_dir_or_data)
+        intervals = run_intervals(run_dir_or_data, data["tasks"], bootstrap)
+    else:
+        data = run_dir_or_data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rep = compute_report(data)
+    rep = compute_report(data, intervals)
     figures = render_figures(rep, out)
     rep["figures"] = [p.name for p in figures]
     atomic_write_json(out / "report.json", rep)
@@ -281,9 +322,9 @@ def load_run_dir(run_dir: str | os.PathLike) -> dict:
     return data
 
 
-def rebuild_report(run_dir: str | os.PathLike) -> dict:
+def rebuild_report(run_dir: str | os.PathLike, bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
     """Rebuild ``<run_dir>/report/`` from the stage results files in ``<run_dir>/eval/``."""
-    return build_report(run_dir, Path(run_dir) / "report")
+    return build_report(run_dir, Path(run_dir) / "report", bootstrap)
 
 
 if __name__ == "__main__":  # python -m mora_dist.evaluation.report RUN_DIR
