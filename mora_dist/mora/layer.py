@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mora_dist.mora.config import GATE_MODES
+from mora_dist.mora.config import GATE_MODES, GRAD_MODES
 from mora_dist.mora.gate import gate_weights, mora_gate
 
 
@@ -51,13 +51,13 @@ class MoRALinear(nn.Module):
 
     Args:
         base_layer: the linear layer to adapt; it is frozen.
-        k, tau, delta, delta_mode, gated, eps, gate, router_top_k: gate settings, see ``MoRAConfig``.
+        k, tau, delta, delta_mode, gated, eps, gate, router_top_k, grad: gate settings, see ``MoRAConfig``.
         dropout: dropout probability on the input before the keys.
     """
 
     def __init__(self, base_layer: nn.Linear, *, k: int = 8, tau: float = 0.03, delta: float | None = 0.2,
                  delta_mode: str = "inference", gated: bool = True, eps: float = 1e-12, dropout: float = 0.0,
-                 gate: str = "self", router_top_k: int = 2):
+                 gate: str = "self", router_top_k: int = 2, grad: str = "exact"):
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
@@ -65,7 +65,7 @@ class MoRALinear(nn.Module):
         self.out_features = base_layer.out_features
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated, eps=eps, gate=gate,
-                      router_top_k=router_top_k)
+                      router_top_k=router_top_k, grad=grad)
         self.register_parameter("mora_A_frozen", None)
         self.register_parameter("mora_B_frozen", None)
         self.register_parameter("mora_A", None)
@@ -82,16 +82,18 @@ class MoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- settings
     def set_gate(self, *, k: int, tau: float, delta: float | None, delta_mode: str, gated: bool,
-                 eps: float, gate: str = "self", router_top_k: int = 2) -> None:
+                 eps: float, gate: str = "self", router_top_k: int = 2, grad: str = "exact") -> None:
         """Change the gate settings. The mode (``gate``) decides whether blocks carry router rows, so it can only
         change while the bank is empty."""
         if gate not in GATE_MODES:
             raise ValueError(f"gate={gate!r}: choose one of {GATE_MODES}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad={grad!r}: choose one of {GRAD_MODES}")
         if getattr(self, "gate", gate) != gate and self.block_sizes:
             raise ValueError(f"cannot switch the gate from {self.gate!r} to {gate!r} on a layer with blocks")
         self.k, self.tau, self.delta, self.delta_mode = int(k), float(tau), delta, delta_mode
         self.gated, self.eps = bool(gated), float(eps)
-        self.gate, self.router_top_k = gate, int(router_top_k)
+        self.gate, self.router_top_k, self.grad = gate, int(router_top_k), grad
 
     @property
     def num_experts(self) -> int:
@@ -137,7 +139,7 @@ class MoRALinear(nn.Module):
         if not self.gated:
             return zg * scale
         delta = self.delta if self.delta_active() else None
-        return mora_gate(zg, scale, self.k, self.tau, delta, self.eps)
+        return mora_gate(zg, scale, self.k, self.tau, delta, self.eps, self.grad)
 
     def router_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-expert router weights (..., R): each expert gets its block's gate ``g_b`` (gate mode "router"),
@@ -341,5 +343,5 @@ class MoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
                 f"blocks={self.block_sizes}, k={self.k}, tau={self.tau}, delta={self.delta}"
-                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}"
+                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}, grad={self.grad}"
                 + (f"(top{self.router_top_k})" if self.gate == "router" else ""))
