@@ -29,6 +29,7 @@ from torch import nn
 
 from mora_dist.mora.config import GATE_MODES, GRAD_MODES
 from mora_dist.mora.gate import gate_weights, mora_gate
+from mora_dist.mora.removal import removal_ladder, removal_order
 
 
 def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -166,29 +167,47 @@ class MoRALinear(nn.Module):
             c = (z.to(w.dtype) * self.mora_scale.to(w.dtype) * w).to(B.dtype)
             return y + F.linear(c, B).to(y.dtype)
         if self.stats is not None:
-            self.accumulate_stats(z.detach(), B.detach())
+            self.accumulate_stats(z.detach(), B.detach(), x=x.detach(), A=A.detach())
         c = self.gate_coefficients(z).to(B.dtype)
         return y + F.linear(c, B).to(y.dtype)
 
     # -------------------------------------------------------------------------------------------- statistics
-    def start_stats(self) -> None:
-        """Start accumulating per-expert activation statistics on every forward (DESIGN §2)."""
+    def start_stats(self, ladder_min_keep: int | None = None) -> None:
+        """Start accumulating per-expert activation statistics on every forward.
+
+        ``ladder_min_keep`` (self-activated gate only) also measures nested removals from the last block, down
+        to that many experts (``mora.removal``): ``stats["ladder"]`` sums the full adapter output's squared norm
+        and, per rung, the squared change; ``stats["ladder_order"]`` is the block-local removal order."""
         R = self.num_experts
         device = self._weight_like().device
         self.stats = {"selected": torch.zeros(R, dtype=torch.float64, device=device),
                       "weight_sum": torch.zeros(R, dtype=torch.float64, device=device),
                       "mass": torch.zeros(R, dtype=torch.float64, device=device),
                       "tokens": torch.zeros(1, dtype=torch.float64, device=device)}
+        if ladder_min_keep is not None and self.gate == "self" and self.block_sizes:
+            rungs = max(0, self.block_sizes[-1] - int(ladder_min_keep))
+            self.stats["ladder"] = torch.zeros(1 + rungs, dtype=torch.float64, device=device)
+            self.stats["ladder_order"] = None
 
     def stop_stats(self) -> dict[str, torch.Tensor] | None:
         """Stop accumulating; return the local (this process's) sums."""
         stats, self.stats = self.stats, None
         return stats
 
-    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None) -> None:
+    def _stats_coefficients(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return z * scale
+        return scale * gate_weights(z, self.k, self.tau, self.delta if self.delta_active() else None, self.eps) * z
+
+    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None,
+                         x: torch.Tensor | None = None, A: torch.Tensor | None = None) -> None:
         """Add one batch: tokens on which each expert was selected (``w_i > 0``), ``Σ w_i`` and the
         contribution mass ``Σ |w_i z_i| · ‖B_i‖``, with the gate as it runs now (mode-dependent threshold);
-        ``w`` gives the weights when the gate is not computed from ``z`` (the router)."""
+        ``w`` gives the weights when the gate is not computed from ``z`` (the router). Given the input ``x``
+        and keys ``A``, ``z`` is recomputed in float64 from them, so the statistics (and the removal ladder)
+        are the layer's function in exact arithmetic, not its rounding."""
+        if x is not None and A is not None:
+            z = F.linear(x.double(), A.double())
         z = z.reshape(-1, z.shape[-1]).double()
         if w is not None:
             w = w.reshape(-1, w.shape[-1]).double()
@@ -206,6 +225,12 @@ class MoRALinear(nn.Module):
         self.stats["weight_sum"] += w.sum(0)
         self.stats["mass"] += (w * z).abs().sum(0) * col_norm
         self.stats["tokens"] += z.shape[0]
+        if "ladder" in self.stats and A is not None:
+            start = self.num_experts - self.block_sizes[-1]
+            order = removal_order(A[start:], B[:, start:])
+            self.stats["ladder_order"] = order
+            self.stats["ladder"] += removal_ladder(z, B, self.mora_scale.to(z.device), self._stats_coefficients,
+                                                   start, order, self.stats["ladder"].numel() - 1)
 
     # ------------------------------------------------------------------------------------------ bank changes
     def _refresh_scale(self) -> None:
