@@ -240,3 +240,33 @@ def test_low_precision_close_to_float64(dtype):
     # top-k choices can flip on near-ties in low precision; compare the bulk of tokens
     close = ((y.double() - ref).abs().amax(-1) <= tol * ref.abs().amax()).double().mean()
     assert close >= 0.9
+
+
+@pytest.mark.parametrize("k,delta,gated", [(3, None, True), (3, 0.05, True), (R + 2, 0.05, True),
+                                           (12, None, True), (3, None, False)])
+def test_removal_ladder_equals_the_pruned_banks(k, delta, gated):
+    """Every rung of the ladder is the output change of a real pruned bank (norm, top-k and threshold rerun),
+    down to an empty block; including rungs where fewer than k experts are left."""
+    from mora_dist.mora.removal import relative_changes, removal_ladder, removal_order
+
+    layer = make_layer(k, 0.1, delta, gated=gated)
+    layer.eval()
+    A, B = (t.detach() for t in layer.bank())
+    scale = layer.mora_scale.double()
+    x = torch.randn(40, D_IN, dtype=torch.float64)
+    start, size = R - BLOCKS[-1][1], BLOCKS[-1][1]
+    order = removal_order(A[start:], B[:, start:])
+    assert sorted(order) == list(range(size))
+    sums = removal_ladder(x @ A.T, B, scale, start, order, size, k=k, tau=0.1, delta=delta, eps=1e-12, gated=gated)
+    full = plain_mora_output(x, A, B, scale, k, 0.1, delta) if gated else (x @ A.T * scale) @ B.T
+    assert float(sums[0]) == pytest.approx(float((full ** 2).sum()), rel=1e-12)
+    for j in range(1, size + 1):
+        keep = torch.ones(R, dtype=torch.bool)
+        keep[[start + i for i in order[:j]]] = False
+        if gated:
+            pruned = plain_mora_output(x, A[keep], B[:, keep], scale[keep], k, 0.1, delta)
+        else:
+            pruned = (x @ A[keep].T * scale[keep]) @ B[:, keep].T
+        assert float(sums[j]) == pytest.approx(float(((pruned - full) ** 2).sum()), rel=1e-10)
+    changes = relative_changes(sums.tolist())
+    assert changes[0] == 0.0 and all(c > 0 for c in changes[1:])  # every removal changes the output

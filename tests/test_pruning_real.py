@@ -77,7 +77,7 @@ def test_pruning_on_smollm2_stays_within_the_measured_bound(smollm2, tmp_path):
     total_pruned = 0
     for index, name in enumerate(["boolq", "piqa"]):
         task = TaskConfig(name=name, source="olmo")
-        encoded, _ = encode_examples(tok, load_task_examples(task, ".", "train", limit=16, seed=0), 128)
+        encoded, _ = encode_examples(tok, load_task_examples(task, ".", "train", limit=12, seed=0), 96)
         add_block(model, name)
         train_task_local(model, encoded, tok.pad_token_id, steps=2, lr=2e-3, batch_size=4, seed=index)
         full_banks = {n: (*(t.detach().double().clone() for t in layer.bank()), list(layer.block_sizes))

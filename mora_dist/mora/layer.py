@@ -194,11 +194,6 @@ class MoRALinear(nn.Module):
         stats, self.stats = self.stats, None
         return stats
 
-    def _stats_coefficients(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if not self.gated:
-            return z * scale
-        return scale * gate_weights(z, self.k, self.tau, self.delta if self.delta_active() else None, self.eps) * z
-
     def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None,
                          x: torch.Tensor | None = None, A: torch.Tensor | None = None) -> None:
         """Add one batch: tokens on which each expert was selected (``w_i > 0``), ``Σ w_i`` and the
@@ -229,8 +224,9 @@ class MoRALinear(nn.Module):
             start = self.num_experts - self.block_sizes[-1]
             order = removal_order(A[start:], B[:, start:])
             self.stats["ladder_order"] = order
-            self.stats["ladder"] += removal_ladder(z, B, self.mora_scale.to(z.device), self._stats_coefficients,
-                                                   start, order, self.stats["ladder"].numel() - 1)
+            self.stats["ladder"] += removal_ladder(
+                z, B, self.mora_scale, start, order, self.stats["ladder"].numel() - 1, k=self.k, tau=self.tau,
+                delta=self.delta if self.delta_active() else None, eps=self.eps, gated=self.gated)
 
     # ------------------------------------------------------------------------------------------ bank changes
     def _refresh_scale(self) -> None:

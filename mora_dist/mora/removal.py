@@ -17,8 +17,6 @@ output of a pruned bank differs by ``D = d Bᵀ`` with ``d = c_pruned − c_full
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 
@@ -36,39 +34,51 @@ def removal_order(A_block: torch.Tensor, B_block: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def removal_ladder(z: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                   coefficients: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   start: int, order: list[int], rungs: int) -> torch.Tensor:
+def removal_ladder(z: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, start: int, order: list[int],
+                   rungs: int, *, k: int, tau: float, delta: float | None, eps: float,
+                   gated: bool = True) -> torch.Tensor:
     """Squared output sums of nested removals for one batch of tokens.
 
+    All rungs are evaluated together: rung ``j`` is the gate of a bank without the experts ``order[:j]`` of the
+    block, i.e. their columns leave the norm (``‖z‖`` over the alive experts only) and cannot be selected
+    (score ``-inf`` before top-k); everything else is the gate as in ``gate.gate_forward``.
+
     Args:
-        z: key responses (N, R) of the N tokens, float64.
+        z: key responses (N, R) of the N tokens.
         B: the values (d_out, R) of the whole bank.
         scale: per-expert scale (R,).
-        coefficients: ``coefficients(z_sub, scale_sub)`` gives the gate's ``c = scale · w · z`` (N, R_sub) for a
-            bank restricted to a subset of experts (the gate as it runs in this mode, threshold included).
         start: index of the block's first expert in the bank.
         order: block-local removal order (``removal_order``).
         rungs: how many rungs past "remove nothing" (rung j removes ``order[:j]``), at most ``len(order)``.
+        k, tau, delta, eps: the gate as it runs in this mode (``delta`` ``None`` where the threshold is off).
+        gated: ``False`` for plain LoRA (``w ≡ 1``).
 
     Returns:
         float64 tensor (1 + rungs,): ``[Σ‖Y_full‖², Σ‖Y_1 − Y_full‖², ..., Σ‖Y_rungs − Y_full‖²]``.
     """
     z = z.double()
     B = B.detach().double()
-    scale = scale.double()
+    scale = scale.to(device=z.device, dtype=torch.float64)
     R = z.shape[-1]
-    G = B.T @ B
-    c = coefficients(z, scale)
-    out = torch.zeros(1 + rungs, dtype=torch.float64, device=z.device)
-    out[0] = ((c @ G) * c).sum()
+    alive = torch.ones(rungs + 1, R, dtype=torch.bool, device=z.device)  # rung 0: the full bank
     for j in range(1, rungs + 1):
-        keep = torch.ones(R, dtype=torch.bool, device=z.device)
-        keep[[start + i for i in order[:j]]] = False
-        d = -c
-        if bool(keep.any()):
-            d[:, keep] += coefficients(z[:, keep], scale[keep])
-        out[j] = ((d @ G) * d).sum().clamp_min(0.0)  # BᵀB is PSD; clamp float noise below zero
+        alive[j:, start + order[j - 1]] = False
+    if gated:
+        norm = (z * z @ alive.double().T).sqrt().clamp_min(eps).T.unsqueeze(-1)  # (J+1, N, 1)
+        s = torch.where(alive.unsqueeze(1), z / norm, torch.tensor(-torch.inf, dtype=z.dtype, device=z.device))
+        kept, idx = s.topk(min(int(k), R), dim=-1, sorted=False)
+        w = torch.zeros_like(s).scatter_(-1, idx, torch.softmax(kept / tau, dim=-1))
+        w = torch.nan_to_num(w, nan=0.0)  # a rung with no expert left: softmax of all -inf
+        if delta is not None:
+            w = w * (s >= delta)
+    else:
+        w = alive.unsqueeze(1).double().expand(-1, z.shape[0], -1)
+    c = w * z * scale  # (J+1, N, R); removed experts have w = 0
+    G = B.T @ B
+    out = torch.empty(1 + rungs, dtype=torch.float64, device=z.device)
+    out[0] = ((c[0] @ G) * c[0]).sum()
+    d = c[1:] - c[0]
+    out[1:] = ((d @ G) * d).sum(dim=(1, 2)).clamp_min(0.0)  # BᵀB is PSD; clamp float noise below zero
     return out
 
 
