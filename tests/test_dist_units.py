@@ -348,3 +348,17 @@ def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
         assert direct == pytest.approx(entry["output_change"], rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="do not match"):
         S.decide_pruning(both, model, PruneConfig())  # the bank changed since the statistics were taken
+
+
+def test_expert_summary_separates_routing_from_block_size():
+    blocks = [{"name": "t0", "size": 8, "weight_sum": [1.0] * 8}, {"name": "t1", "size": 2, "weight_sum": [4.0, 4.0]}]
+    record = {"layers": {f"m.layers.{i}.self_attn.q_proj": {"tokens": 10, "blocks": blocks} for i in range(2)},
+              "decision": {"layers": {"m.layers.0.self_attn.q_proj": {"remove": [0, 1, 3], "keep": [2, 4, 5, 6, 7],
+                                                                       "output_change": 0.004},
+                                      "m.layers.1.self_attn.q_proj": {"remove": [], "keep": list(range(8)),
+                                                                       "output_change": 0.0}}}}
+    out = S.expert_summary(record)
+    assert out["usage"]["q_proj"] == pytest.approx([0.5, 0.5])  # same share of gate weight ...
+    assert out["usage_per_expert"]["q_proj"] == pytest.approx([0.0625, 0.25])  # ... 4x more per expert
+    assert out["summary"]["experts_pruned"] == 3 and out["summary"]["layers_pruned"] == 1
+    assert out["summary"]["output_change_max"] == 0.004 and out["blocks"] == ["t0", "t1"]
