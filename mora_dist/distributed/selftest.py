@@ -87,7 +87,9 @@ def run_config(args):
         train=TrainConfig(lr=args.lr, micro_batch_size=args.micro, global_batch_size=args.global_batch,
                           grad_clip=1.0, schedule="cosine", seed=args.seed),
         distributed=DistributedConfig(zero_stage=args.stage, offload_optimizer=args.offload_optimizer),
-        prune=PruneConfig(enabled=True, max_output_change=0.05, min_keep=1))
+        # a loose bound: on this tiny random model any removal changes a layer's output by 9-90 %, and the
+        # runs must really prune for their decisions to be compared
+        prune=PruneConfig(enabled=True, max_output_change=0.3, min_keep=1))
 
 
 def main(argv=None) -> int:
