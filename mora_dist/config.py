@@ -132,28 +132,32 @@ class DistributedConfig:
 
 @dataclass
 class PruneConfig:
-    """Rank pruning after each task from all-reduced activation statistics (DESIGN §2).
+    """Rank pruning after each task, bounded by the output change it causes.
 
-    An expert of the new block is removed when its usage (share of tokens selecting it) is below
-    ``min_usage`` or its share of the block's contribution mass is below ``min_mass_share``.
+    During the statistics pass every adapted layer measures, on its real inputs, what removing experts of the
+    new block does to its adapter output (the delta it adds to ``W0 x``), with the pruned bank itself (an
+    expert counts in the shared score norm even where it is never selected, so the whole gate is run again):
+    nested removals in the order of increasing ``‖A_i‖·‖B_i‖``, summed over all workers with the task's one
+    all-reduce. Per layer, the most experts are removed whose relative change ``‖Y_pruned − Y_full‖_F /
+    ‖Y_full‖_F`` over all statistics tokens is at most ``max_output_change``. The measured change of each
+    decision is recorded in ``stats/NN-TASK.json``.
 
     Attributes:
-        enabled: prune at all.
-        min_usage: minimum fraction of tokens on which the expert was selected.
-        min_mass_share: minimum fraction of the new block's total contribution mass.
-        min_keep: experts kept per layer at least (the strongest by mass).
+        enabled: prune at all (the measurement is recorded either way).
+        max_output_change: bound on the relative change of each layer's adapter output on the statistics data.
+        min_keep: experts of the new block kept per layer at least.
         max_examples: statistics pass over at most this many of the task's training examples.
     """
 
     enabled: bool = True
-    min_usage: float = 0.01
-    min_mass_share: float = 0.01
+    max_output_change: float = 0.01
     min_keep: int = 1
     max_examples: int | None = 256
 
     def __post_init__(self):
-        if not 0 <= self.min_usage <= 1 or not 0 <= self.min_mass_share <= 1:
-            raise ConfigError("prune.min_usage and prune.min_mass_share must be in [0, 1]")
+        if not (isinstance(self.max_output_change, (int, float)) and 0 <= self.max_output_change < float("inf")):
+            raise ConfigError(f"prune.max_output_change={self.max_output_change!r}: must be a finite number >= 0 "
+                              "(a relative change, e.g. 0.01 for 1 %)")
         if self.min_keep < 0:
             raise ConfigError(f"prune.min_keep={self.min_keep}: must be >= 0")
 
@@ -344,6 +348,14 @@ def expand_vars(text: str) -> str:
     return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", repl, text)
 
 
+RETIRED_KEYS = {
+    "prune.min_usage": "pruning is bounded by the measured output change; remove the key and set "
+                       "prune.max_output_change (e.g. 0.01)",
+    "prune.min_mass_share": "pruning is bounded by the measured output change; remove the key and set "
+                            "prune.max_output_change (e.g. 0.01)",
+}
+
+
 def _build(cls, data: Any, where: str):
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
@@ -352,6 +364,9 @@ def _build(cls, data: Any, where: str):
         names = [f.name for f in fields(cls)]
         kwargs = {}
         for key, value in data.items():
+            full = f"{where}.{key}" if where else str(key)
+            if full in RETIRED_KEYS:
+                raise ConfigError(f"{full} is no longer a setting: {RETIRED_KEYS[full]}")
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else \

@@ -198,6 +198,9 @@ def test_statistics_of_two_workers_equal_one_process_over_their_union(runs):
         for key in ("weight_sum", "mass"):
             torch.testing.assert_close(entry[key], torch.tensor([v for b in blocks for v in b[key]],
                                                                 dtype=torch.float64), rtol=1e-6, atol=1e-9)
+        # the removal ladder (output changes of nested removals), summed by the all-reduce, is the same sum
+        torch.testing.assert_close(torch.tensor(entry["ladder"]), torch.tensor(two["layers"][name]["ladder_sums"]),
+                                   rtol=1e-6, atol=1e-12)
         n_compared += len(selected)
     assert n_compared > 0
     prune_cfg = selftest.run_config(selftest.parse(["--model", "x", "--out", "y"])).prune

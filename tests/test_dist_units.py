@@ -218,28 +218,46 @@ def test_launch_cmd_cli(capsys):
 
 
 # -------------------------------------------------------------------------------------- stats and pruning
-def _stats(selected, mass, tokens=100, sizes=(2, 4)):
+def _stats(ladder, order=(3, 0, 2, 1), tokens=100, sizes=(2, 4)):
     R = sum(sizes)
+    zeros = torch.zeros(R, dtype=torch.float64)
     return {"world_size": 1, "layers": {"l0": {
-        "selected": torch.tensor(selected, dtype=torch.float64), "weight_sum": torch.zeros(R, dtype=torch.float64),
-        "mass": torch.tensor(mass, dtype=torch.float64), "tokens": tokens, "block_names": ["t0", "t1"],
-        "block_sizes": list(sizes), "block_scales": [2.0, 2.0]}}}
+        "selected": zeros, "weight_sum": zeros, "mass": zeros, "tokens": tokens, "block_names": ["t0", "t1"],
+        "block_sizes": list(sizes), "block_scales": [2.0, 2.0], "ladder": ladder,
+        "ladder_order": None if ladder is None else list(order)}}}
 
 
-def test_decide_pruning_thresholds_min_keep_and_hash():
-    cfg = PruneConfig(min_usage=0.1, min_mass_share=0.2, min_keep=1)
-    # new block = experts 2..5: usage 0.5, 0.05 (low), 0.5, 0.5; mass shares 0.5, 0.3, 0.1 (low), 0.1 (low)
-    st = _stats([9, 9, 50, 5, 50, 50], [1, 1, 5, 3, 1, 1])
-    d = S.decide_pruning(st, None, cfg)
+def test_decide_pruning_takes_the_largest_rung_within_the_bound():
+    cfg = PruneConfig(max_output_change=0.01, min_keep=1)
+    # ||Y_full||^2 = 100; rungs remove 1, 2, 3 experts of the new block: relative changes 0.5 %, 2 %, 0.8 %
+    ladder = [100.0, 100 * 0.005 ** 2, 100 * 0.02 ** 2, 100 * 0.008 ** 2]
+    d = S.decide_pruning(_stats(ladder), None, cfg)
     assert d["block"] == 1 and d["block_name"] == "t1"
-    assert d["layers"]["l0"] == {"remove": [1, 2, 3], "keep": [0]}
-    assert d["hash"] == S.decide_pruning(_stats([9, 9, 50, 5, 50, 50], [1, 1, 5, 3, 1, 1]), None, cfg)["hash"]
-    keep3 = S.decide_pruning(st, None, PruneConfig(min_usage=0.1, min_mass_share=0.2, min_keep=3))
-    assert keep3["layers"]["l0"]["keep"] == [0, 1, 2]  # strongest by mass, ties to the lower index
-    assert keep3["hash"] != d["hash"]
-    off = S.decide_pruning(st, None, PruneConfig(enabled=False))
-    assert off["layers"]["l0"]["remove"] == []
-    assert S.decide_pruning(_stats([0] * 6, [0] * 6, tokens=0), None, cfg)["layers"]["l0"]["remove"] == []
+    entry = d["layers"]["l0"]
+    assert (entry["remove"], entry["keep"]) == ([0, 2, 3], [1])  # order[:3]: each rung is a measured bank
+    assert entry["output_change"] == pytest.approx(0.008) and entry["ladder"][2] == pytest.approx(0.02)
+    # the hash covers what is removed, not the last bits of the measurement
+    nudged = S.decide_pruning(_stats([100.0, ladder[1], ladder[2], ladder[3] * (1 + 1e-12)]), None, cfg)
+    assert nudged["hash"] == d["hash"]
+    keep2 = S.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.01, min_keep=2))
+    assert keep2["layers"]["l0"]["remove"] == [3] and keep2["hash"] != d["hash"]
+    strict = S.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.001))
+    assert strict["layers"]["l0"]["remove"] == [] and strict["layers"]["l0"]["output_change"] == 0.0
+    off = S.decide_pruning(_stats(ladder), None, PruneConfig(enabled=False))
+    assert off["layers"]["l0"]["remove"] == [] and off["layers"]["l0"]["ladder"] is not None  # still measured
+    assert S.decide_pruning(_stats(ladder, tokens=0), None, cfg)["layers"]["l0"]["remove"] == []
+    assert S.decide_pruning(_stats(None), None, cfg)["layers"]["l0"]["remove"] == []  # no complete ladder
+    zero = S.decide_pruning(_stats([0.0, 0.0, 0.0, 1e-3]), None, cfg)  # a zero output: only no-change rungs
+    assert zero["layers"]["l0"]["remove"] == [0, 3]
+
+
+def test_retired_prune_thresholds_are_a_clear_error():
+    from mora_dist.config import load_config
+
+    with pytest.raises(ConfigError, match=r"prune\.min_usage is no longer a setting.*max_output_change"):
+        load_config(None, ["prune.min_usage=0.01"])
+    with pytest.raises(ConfigError, match="max_output_change"):
+        PruneConfig(max_output_change=-0.1)
 
 
 def _tiny_mora():
@@ -257,32 +275,90 @@ def _tiny_mora():
     return model
 
 
+def _direct_change(layer, A_full, B_full, scale, new_size, xs, remove):
+    """||Y_pruned - Y_full||_F / ||Y_full||_F of a layer's adapter output over inputs ``xs``, in float64, written
+    out independently of the library: normalise, top-k, softmax / tau, threshold, on each bank."""
+    start = A_full.shape[0] - new_size
+    keep = torch.ones(A_full.shape[0], dtype=torch.bool)
+    keep[[start + i for i in remove]] = False
+
+    def out(A, B, sc, x):
+        z = x @ A.T
+        s = z / z.norm(dim=-1, keepdim=True).clamp_min(layer.eps)
+        kept, idx = s.topk(min(layer.k, s.shape[-1]), dim=-1)
+        w = torch.zeros_like(s).scatter(-1, idx, torch.softmax(kept / layer.tau, dim=-1))
+        w = w * (s >= layer.delta) if layer.delta is not None else w
+        return (sc * w * z) @ B.T
+
+    num = den = 0.0
+    for x in xs:
+        full = out(A_full, B_full, scale, x)
+        pruned = out(A_full[keep], B_full[:, keep], scale[keep], x)
+        num += float(((pruned - full) ** 2).sum())
+        den += float((full ** 2).sum())
+    return (num / den) ** 0.5
+
+
 def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
     from mora_dist.distributed.selftest import collate
     from mora_dist.mora import mora_layers
+    from mora_dist.mora.removal import relative_changes
 
     model = _tiny_mora()
+    layers = mora_layers(model)
     g = torch.Generator().manual_seed(1)
     ex = [torch.randint(1, 128, (n,), generator=g) for n in (5, 16, 9, 12)]
     b1, b2 = collate(ex[:2]), collate(ex[2:])
+    raw = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda m, args, n=name: raw[n].append(args[0].detach()))
+               for name, layer in layers.items()]
     both = S.collect_statistics(model, [b1, b2])
+    for h in handles:
+        h.remove()
+    masks = [b["attention_mask"].reshape(-1).bool() for b in (b1, b2)]
+    inputs = {n: [x.reshape(-1, x.shape[-1])[m].double() for x, m in zip(xs, masks)] for n, xs in raw.items()}
     one, two = S.collect_statistics(model, [b1]), S.collect_statistics(model, [b2])
     for name, e in both["layers"].items():
         assert e["tokens"] == 5 + 16 + 9 + 12  # padding excluded
         assert torch.equal(e["selected"], one["layers"][name]["selected"] + two["layers"][name]["selected"])
         torch.testing.assert_close(e["mass"], one["layers"][name]["mass"] + two["layers"][name]["mass"])
-        assert e["selected"].sum() > 0
-    assert all(layer.stats is None and layer.stats_token_mask is None
-               for layer in mora_layers(model).values())
-    decision = S.decide_pruning(both, model, PruneConfig(min_usage=0.3, min_mass_share=0.2, min_keep=1))
+        torch.testing.assert_close(torch.tensor(e["ladder"]), torch.tensor(one["layers"][name]["ladder"])
+                                   + torch.tensor(two["layers"][name]["ladder"]))
+        assert e["selected"].sum() > 0 and len(e["ladder"]) == 4  # rungs: remove 0..3 of the 4 new experts
+    assert all(layer.stats is None and layer.stats_token_mask is None for layer in layers.values())
+    banks = {name: (*(t.detach().double().clone() for t in (*layer.bank(), layer.mora_scale)),
+                    layer.block_sizes[-1]) for name, layer in layers.items()}
+    # a bound inside the measured range, so that some layers prune and others keep experts
+    rung1 = sorted(relative_changes(e["ladder"])[1] for e in both["layers"].values())
+    decision = S.decide_pruning(both, model, PruneConfig(max_output_change=rung1[len(rung1) // 2], min_keep=1))
     path = S.write_statistics(tmp_path, "t0", both, decision)
     record = json.loads(path.read_text())
     assert record["decision"]["hash"] == decision["hash"]
     first = next(iter(record["layers"].values()))
     assert first["blocks"][0]["name"] == "t0" and len(first["blocks"][0]["usage"]) == 4
+    assert first["blocks"][0]["weight_share"] == pytest.approx(1.0)
     removed = S.apply_pruning(model, decision)
     assert removed == sum(len(v["remove"]) for v in decision["layers"].values()) > 0
-    for name, layer in mora_layers(model).items():
-        assert layer.block_sizes == [len(decision["layers"][name]["keep"])]
+    assert any(not v["remove"] for v in decision["layers"].values())
+    for name, layer in layers.items():
+        entry = decision["layers"][name]
+        assert layer.block_sizes == [len(entry["keep"])]
+        direct = _direct_change(layer, *banks[name], inputs[name], entry["remove"])
+        assert direct <= decision["rule"]["max_output_change"] * (1 + 1e-9)
+        assert direct == pytest.approx(entry["output_change"], rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="do not match"):
         S.decide_pruning(both, model, PruneConfig())  # the bank changed since the statistics were taken
+
+
+def test_expert_summary_separates_routing_from_block_size():
+    blocks = [{"name": "t0", "size": 8, "weight_sum": [1.0] * 8}, {"name": "t1", "size": 2, "weight_sum": [4.0, 4.0]}]
+    record = {"layers": {f"m.layers.{i}.self_attn.q_proj": {"tokens": 10, "blocks": blocks} for i in range(2)},
+              "decision": {"layers": {"m.layers.0.self_attn.q_proj": {"remove": [0, 1, 3], "keep": [2, 4, 5, 6, 7],
+                                                                       "output_change": 0.004},
+                                      "m.layers.1.self_attn.q_proj": {"remove": [], "keep": list(range(8)),
+                                                                       "output_change": 0.0}}}}
+    out = S.expert_summary(record)
+    assert out["usage"]["q_proj"] == pytest.approx([0.5, 0.5])  # same share of gate weight ...
+    assert out["usage_per_expert"]["q_proj"] == pytest.approx([0.0625, 0.25])  # ... 4x more per expert
+    assert out["summary"]["experts_pruned"] == 3 and out["summary"]["layers_pruned"] == 1
+    assert out["summary"]["output_change_max"] == 0.004 and out["blocks"] == ["t0", "t1"]

@@ -141,3 +141,21 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     assert rep["tasks"] == ["t_num", "t_code"] and len(rep["matrix"]) == 3
     assert rep["general"]["names"] == ["local_arc_easy"] and rep["general"]["matrix"][1] == [None]
     assert rep["matrix"][0][1] == pytest.approx(data["mora_dist"]["in_domain"]["t_code"]["score"])
+
+
+def test_usage_figure_shows_share_and_weight_per_expert(tmp_path):
+    """With ``usage_per_expert`` the usage figure gets a second panel (routing without the block size)."""
+    import struct
+
+    def width(png: Path) -> int:
+        return struct.unpack(">I", png.read_bytes()[16:20])[0]
+
+    plain = {**DATA, "experts": {t: {k: v for k, v in e.items()} for t, e in EXPERTS.items()}}
+    build_report(plain, tmp_path / "one")
+    both = {**DATA, "experts": {t: {**e, "usage_per_expert": {"attn": [v / 4 for v in e["usage"]["attn"]]}}
+                                for t, e in EXPERTS.items()}}
+    rep = build_report(both, tmp_path / "two")
+    assert rep["experts"]["FOMC"]["usage_per_expert"]["attn"][0] == 0.25
+    one_w, two_w = width(tmp_path / "one" / "expert_usage_attn.png"), width(tmp_path / "two" / "expert_usage_attn.png")
+    assert two_w > 1.8 * one_w
+    assert width(tmp_path / "two" / "expert_usage_mlp.png") == width(tmp_path / "one" / "expert_usage_mlp.png")

@@ -55,7 +55,7 @@ def test_unknown_target_lists_candidates(tiny_llama):
 @pytest.mark.parametrize("field,value,match", [
     ("k", 0, r"mora\.k=0 .*>= 1"), ("tau", 0.0, r"mora\.tau=0\.0 .*> 0"), ("tau", -1.0, r"mora\.tau"),
     ("r_task", 0, r"mora\.r_task=0 .*>= 1"), ("delta_mode", "train", r"mora\.delta_mode"),
-    ("dropout", 1.0, r"mora\.dropout"),
+    ("dropout", 1.0, r"mora\.dropout"), ("grad", "approx", r"mora\.grad='approx' .*exact"),
 ])
 def test_bad_settings_name_the_setting_and_range(field, value, match):
     with pytest.raises(MoRAConfigError, match=match):
@@ -132,6 +132,23 @@ def test_adapter_roundtrip_reproduces_outputs_exactly(tiny_llama, tmp_path):
         assert torch.equal(tiny_llama(ids).logits, fresh(ids).logits)
     assert [l.block_sizes for l in mora_layers(fresh).values()][0] == [4, 2]
     assert not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_adapter_without_grad_setting_loads_with_the_exact_gradient(tiny_llama, tmp_path):
+    """Adapters written before ``mora.grad`` existed load (the format did not change) and train exactly;
+    a saved ``sparse`` policy comes back as saved."""
+    fresh, fresh2 = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, grad="sparse"))
+    add_block(tiny_llama, "a")
+    freeze_blocks(tiny_llama)
+    save_adapter(tiny_llama, tmp_path / "ad")
+    load_adapter(fresh, tmp_path / "ad")
+    assert fresh.mora_config.grad == "sparse" and all(l.grad == "sparse" for l in mora_layers(fresh).values())
+    desc = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    del desc["mora"]["grad"]
+    (tmp_path / "ad" / "adapter.json").write_text(json.dumps(desc))
+    load_adapter(fresh2, tmp_path / "ad")
+    assert fresh2.mora_config.grad == "exact" and all(l.grad == "exact" for l in mora_layers(fresh2).values())
 
 
 def test_adapter_on_model_with_other_shapes_is_a_clear_error(tiny_llama, tmp_path):

@@ -31,7 +31,7 @@ def write_config(tmp_path: Path, model_dir: Path, run_dir: Path, data_root: Path
         "mora": {"r_task": 4, "k": 4},
         "train": {"max_steps": 4, "micro_batch_size": 2, "max_examples": 16, "checkpoint_every": 2,
                   "lr": 5e-3},
-        "prune": {"max_examples": 8, "min_usage": 0.05},
+        "prune": {"max_examples": 8, "max_output_change": 0.05},
         "eval": {"max_examples": 4, "batch_size": 4},
         "data": {"root": str(data_root)},
         "tasks": [{"name": "FOMC", "max_new_tokens": 3}, {"name": "NumGLUE-cm", "max_new_tokens": 4}],

@@ -11,7 +11,8 @@ One task, in order (every call on every rank; S = mora_dist.distributed.stats)::
     grow(model, task_name, seed=...)                       # new trainable block (ZeRO-3: on gathered tensors)
     engine = build_engine(model, run_cfg, total_steps=n)   # fresh AdamW over the active block only
     losses = train_task(engine, my_micro_batches)          # per-step losses, averaged over ranks
-    stats = S.collect_statistics(engine, my_stat_batches)  # forwards in eval mode + ONE all-reduce
+    stats = S.collect_statistics(engine, my_stat_batches, min_keep=run_cfg.prune.min_keep)  # eval forwards,
+                                                           # removal ladder, ONE all-reduce
     decision = S.decide_pruning(stats, model, run_cfg.prune)
     S.check_decision_agrees(decision)                      # hash compared across ranks
     S.write_statistics(run_dir, task_name, stats, decision)    # rank 0, atomic

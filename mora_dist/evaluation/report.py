@@ -11,7 +11,9 @@ Input of ``build_report`` (plain JSON-able data, or a run directory, see below):
                    ... ],
       "experts": {"C-STANCE": {                     # optional: per trained task
           "summary": {"active_blocks": 12, "pruned_blocks": 4, ...},   # scalars shown in a table
-          "usage": {"attn": [0.9, 0.1, ...], "mlp": [...]},          # per layer group: usage per block
+          "usage": {"attn": [0.9, 0.1, ...], "mlp": [...]},          # per layer group: share of gate weight
+                                                                       #   per block
+          "usage_per_expert": {"attn": [0.11, 0.02, ...]},           # optional: that share / experts in block
           "blocks": ["b0", "b1", ...]}},                              # optional block names (x-axis labels)
       "title": "..."                                # optional
     }
@@ -23,7 +25,8 @@ Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with
 built from a run directory whose evaluations stored per-example scores), ``general`` {``names``, ``matrix``,
 ``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
 figures ``accuracy_matrix.png``, ``task_curves.png``, ``general_curves.png`` (when general scores exist) and
-``expert_usage_<group>.png`` per layer group (when usage data exist).
+``expert_usage_<group>.png`` per layer group (when usage data exist: the share of gate weight per block and,
+beside it, the mean weight per expert of the block).
 
 ``rebuild_report(run_dir)`` reads the per-stage files ``<run_dir>/eval/stage_XX_<name>.json`` written by
 ``results.write_stage_results`` (XX = 00 for the base model, i + 1 after task i; only their ``mora_dist`` section is
@@ -193,13 +196,12 @@ def _plt():
     return plt
 
 
-def _heatmap(values: list[Row], rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str, ylabel: str,
-             cbar_label: str, path: Path, annotate: bool = True) -> Path:
+def _draw_heatmap(fig, ax, values: list[Row], rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str,
+                  ylabel: str, cbar_label: str, annotate: bool) -> None:
     import numpy as np
 
     plt = _plt()
     arr = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cols) + 3), max(3.0, 0.5 * len(rows) + 2)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     finite = arr[np.isfinite(arr)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -214,9 +216,35 @@ def _heatmap(values: list[Row], rows: Sequence[str], cols: Sequence[str], title:
         for i in range(arr.shape[0]):
             for j in range(arr.shape[1]):
                 v = arr[i, j]
-                text = "–" if np.isnan(v) else f"{v:.2f}"
+                text = "–" if np.isnan(v) else (f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.1e}")
                 dark = not np.isnan(v) and (v - vmin) / (vmax - vmin) < 0.5
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+
+
+def _heatmap(values: list[Row], rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str, ylabel: str,
+             cbar_label: str, path: Path, annotate: bool = True) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cols) + 3), max(3.0, 0.5 * len(rows) + 2)))
+    _draw_heatmap(fig, ax, values, rows, cols, title, xlabel, ylabel, cbar_label, annotate)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _usage_panels(shares: list[Row], per_expert: list[Row] | None, rows: Sequence[str], cols: Sequence[str],
+                  group: str, path: Path, annotate: bool) -> Path:
+    """Expert usage of a layer group: each block's share of the gate weight (left) and that share per expert of
+    the block (right), so that routing is not confused with block size after pruning."""
+    plt = _plt()
+    panels = [(shares, "share of gate weight", "share")]
+    if per_expert is not None:
+        panels.append((per_expert, "mean weight per expert (share / experts)", "share per expert"))
+    w, h = max(5.0, 0.9 * len(cols) + 3), max(3.0, 0.5 * len(rows) + 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), h), squeeze=False)
+    for ax, (values, title, label) in zip(axes[0], panels):
+        _draw_heatmap(fig, ax, values, rows, cols, f"{group}: {title}", "rank block (expert)", "task", label,
+                      annotate)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -259,15 +287,18 @@ def render_figures(rep: dict, out_dir: Path) -> list[Path]:
         groups += [k for k in (info.get("usage") or {}) if k not in groups]
     for group in groups:
         tasks = [t for t, info in rep["experts"].items() if group in (info.get("usage") or {})]
-        rows = [list(rep["experts"][t]["usage"][group]) for t in tasks]
-        width = max(len(r) for r in rows)
-        rows = [[_num(v) for v in r] + [None] * (width - len(r)) for r in rows]
+        width = max(len(rep["experts"][t]["usage"][group]) for t in tasks)
+
+        def padded(key):
+            return [[_num(v) for v in r] + [None] * (width - len(r))
+                    for r in (list((rep["experts"][t].get(key) or {}).get(group) or []) for t in tasks)]
+
+        has_per_expert = all(group in (rep["experts"][t].get("usage_per_expert") or {}) for t in tasks)
         names = next((list(rep["experts"][t]["blocks"]) for t in tasks
                       if len(rep["experts"][t].get("blocks") or []) == width), [str(b) for b in range(width)])
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
-        figs.append(_heatmap(rows, tasks, names, f"Expert usage: {group}",
-                             "rank block (expert)", "task", "usage", out_dir / f"expert_usage_{safe}.png",
-                             annotate=width <= 16))
+        figs.append(_usage_panels(padded("usage"), padded("usage_per_expert") if has_per_expert else None, tasks,
+                                  names, group, out_dir / f"expert_usage_{safe}.png", annotate=width <= 16))
     return figs
 
 

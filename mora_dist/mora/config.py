@@ -17,6 +17,7 @@ DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 DELTA_MODES = ("inference", "always")
 GATE_MODES = ("self", "router")
+GRAD_MODES = ("exact", "sparse")
 
 
 class MoRAConfigError(ValueError):
@@ -43,6 +44,11 @@ class MoRAConfig:
         router_top_k: blocks kept per token by the router (gate ``"router"`` only).
         target_modules: module names to adapt (last name component); empty means the architecture's default.
         include_mlp: also adapt the MLP projections when ``target_modules`` is empty.
+        grad: gradient of the self-activated gate. ``"exact"`` (default): the true derivative of the forward
+            (what plain autograd of normalise → top-k → softmax/tau → threshold gives, as the authors train):
+            kept experts through the softmax weights and ``z``, every expert and the input also through the
+            shared norm ``‖z‖``. ``"sparse"``: a token's gradient reaches only the experts it selected (the
+            norm path cut for the others); never-selected experts then keep their initial keys.
         eps: floor of the score norm.
         gate_dtype: dtype of the gate arithmetic for half-precision inputs (``float32`` keeps the softmax with a
             small temperature accurate in bf16).
@@ -60,6 +66,7 @@ class MoRAConfig:
     router_top_k: int = 2
     target_modules: list[str] = field(default_factory=list)
     include_mlp: bool = False
+    grad: str = "exact"
     eps: float = 1e-12
 
     def __post_init__(self) -> None:
@@ -85,6 +92,9 @@ class MoRAConfig:
             raise MoRAConfigError(f"mora.dropout={self.dropout!r} is invalid: must be in [0, 1)")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise MoRAConfigError(f"mora.eps={self.eps!r} is invalid: must be > 0")
+        if self.grad not in GRAD_MODES:
+            raise MoRAConfigError(f"mora.grad={self.grad!r} is invalid: choose one of {GRAD_MODES} (exact: the true "
+                                  "derivative of the gate; sparse: only the selected experts get gradient)")
         if self.gate not in GATE_MODES:
             raise MoRAConfigError(f"mora.gate={self.gate!r} is invalid: choose one of {GATE_MODES}")
         if not isinstance(self.router_top_k, int) or isinstance(self.router_top_k, bool) or self.router_top_k < 1:
@@ -105,7 +115,7 @@ class MoRAConfig:
         """The settings the layer's forward needs."""
         return {"k": self.k, "tau": float(self.tau), "delta": self.delta, "delta_mode": self.delta_mode,
                 "gated": self.gated, "eps": float(self.eps), "gate": self.gate,
-                "router_top_k": self.router_top_k}
+                "router_top_k": self.router_top_k, "grad": self.grad}
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

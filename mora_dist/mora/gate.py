@@ -8,16 +8,25 @@ per-expert coefficients ``c_i = scale_i · w_i · z_i`` that multiply the value 
     w = softmax(s_kept / tau)                  over the kept experts
     w_i ← w_i · 1[s_i ≥ delta]                 where the threshold is active; no renormalisation
 
-The backward is written by hand: it saves four (N, R) tensors instead of the dozen an unfused autograd graph
-keeps, and it defines the gradient policy. A token's gradient reaches exactly the experts it selected: the
-gradient of every kept expert is the true derivative of the layer output, while unselected experts are treated
-as constants for that token (the softmax is blind to them and their only remaining path, the shared norm, is cut
-for them).
+The backward is written by hand: it saves at most four (N, R) tensors (s, w, the threshold
+mask and, for the sparse policy, the kept mask) instead of the dozen an unfused autograd graph
+keeps. Top-k and the threshold are hard choices (piecewise constant), so they pass no gradient themselves. Two
+gradient policies (``grad``):
+
+* ``"exact"`` (default): the true derivative of the forward, what plain autograd of ``F.normalize(z)`` →
+  top-k → ``softmax(·/tau)`` → threshold gives. The kept experts get gradient through the softmax weights and
+  ``z``; *every* expert, selected or not, also through the shared norm ``‖z‖`` (``∂s_i/∂z_j = (δ_ij − s_i s_j) /
+  ‖z‖``), and so does the input ``x`` behind ``z = A x``.
+* ``"sparse"``: a token's gradient reaches only the experts it selected; unselected experts are constants for
+  that token (the norm path is cut for them). Measured, this leaves never-selected experts at their initial
+  keys and bends ``dL/dx`` (which reaches every earlier layer) by a few percent; an option, not the default.
 """
 
 from __future__ import annotations
 
 import torch
+
+from mora_dist.mora.config import GRAD_MODES
 
 
 def gate_forward(z: torch.Tensor, k: int, tau: float, delta: float | None, eps: float):
@@ -51,10 +60,11 @@ def gate_weights(z: torch.Tensor, k: int, tau: float, delta: float | None = None
 
 class _MoRAGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, scale, k: int, tau: float, delta: float | None, eps: float):
+    def forward(ctx, z, scale, k: int, tau: float, delta: float | None, eps: float, sparse: bool):
         s, norm, w, keep, passed, unclamped = gate_forward(z, k, tau, delta, eps)
         w_eff = w * passed if passed is not None else w
-        ctx.save_for_backward(s, norm, w, keep, passed, unclamped, scale)
+        # the kept mask is only needed by the sparse policy; the exact backward does not read it
+        ctx.save_for_backward(s, norm, w, keep if sparse else None, passed, unclamped, scale)
         ctx.tau = tau
         return w_eff * z * scale
     @staticmethod
@@ -70,14 +80,14 @@ class _MoRAGate(torch.autograd.Function):
         radial = s * (s * grad_s).sum(-1, keepdim=True)
         if unclamped is not None:  # where the norm is floored at eps it is a constant: no radial term
             radial = radial * unclamped
-        grad_from_norm = (grad_s - radial) / norm
-        if keep is not None:
+        grad_from_norm = (grad_s - radial) / norm  # exact: the radial term reaches every expert
+        if keep is not None:  # sparse policy: cut the norm path for the unselected experts
             grad_from_norm = grad_from_norm * keep
-        return grad_z + grad_from_norm, None, None, None, None, None
+        return grad_z + grad_from_norm, None, None, None, None, None, None
 
 
 def mora_gate(z: torch.Tensor, scale: torch.Tensor, k: int, tau: float, delta: float | None = None,
-              eps: float = 1e-12) -> torch.Tensor:
+              eps: float = 1e-12, grad: str = "exact") -> torch.Tensor:
     """Coefficients ``c = scale · w · z`` of the MoRA mixture for key responses ``z`` of shape (..., R).
 
     Args:
@@ -87,5 +97,8 @@ def mora_gate(z: torch.Tensor, scale: torch.Tensor, k: int, tau: float, delta: f
         tau: softmax temperature (> 0).
         delta: threshold on the normalised score, or ``None`` when it does not apply.
         eps: floor of the score norm.
+        grad: gradient policy, ``"exact"`` (the true derivative) or ``"sparse"`` (only selected experts).
     """
-    return _MoRAGate.apply(z, scale, min(int(k), z.shape[-1]), float(tau), delta, float(eps))
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad={grad!r}: choose one of {GRAD_MODES}")
+    return _MoRAGate.apply(z, scale, min(int(k), z.shape[-1]), float(tau), delta, float(eps), grad == "sparse")

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mora_dist.mora.config import GATE_MODES
+from mora_dist.mora.config import GATE_MODES, GRAD_MODES
 from mora_dist.mora.gate import gate_weights, mora_gate
+from mora_dist.mora.removal import removal_ladder, removal_order
 
 
 def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -51,13 +52,13 @@ class MoRALinear(nn.Module):
 
     Args:
         base_layer: the linear layer to adapt; it is frozen.
-        k, tau, delta, delta_mode, gated, eps, gate, router_top_k: gate settings, see ``MoRAConfig``.
+        k, tau, delta, delta_mode, gated, eps, gate, router_top_k, grad: gate settings, see ``MoRAConfig``.
         dropout: dropout probability on the input before the keys.
     """
 
     def __init__(self, base_layer: nn.Linear, *, k: int = 8, tau: float = 0.03, delta: float | None = 0.2,
                  delta_mode: str = "inference", gated: bool = True, eps: float = 1e-12, dropout: float = 0.0,
-                 gate: str = "self", router_top_k: int = 2):
+                 gate: str = "self", router_top_k: int = 2, grad: str = "exact"):
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
@@ -65,7 +66,7 @@ class MoRALinear(nn.Module):
         self.out_features = base_layer.out_features
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated, eps=eps, gate=gate,
-                      router_top_k=router_top_k)
+                      router_top_k=router_top_k, grad=grad)
         self.register_parameter("mora_A_frozen", None)
         self.register_parameter("mora_B_frozen", None)
         self.register_parameter("mora_A", None)
@@ -82,16 +83,18 @@ class MoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- settings
     def set_gate(self, *, k: int, tau: float, delta: float | None, delta_mode: str, gated: bool,
-                 eps: float, gate: str = "self", router_top_k: int = 2) -> None:
+                 eps: float, gate: str = "self", router_top_k: int = 2, grad: str = "exact") -> None:
         """Change the gate settings. The mode (``gate``) decides whether blocks carry router rows, so it can only
         change while the bank is empty."""
         if gate not in GATE_MODES:
             raise ValueError(f"gate={gate!r}: choose one of {GATE_MODES}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad={grad!r}: choose one of {GRAD_MODES}")
         if getattr(self, "gate", gate) != gate and self.block_sizes:
             raise ValueError(f"cannot switch the gate from {self.gate!r} to {gate!r} on a layer with blocks")
         self.k, self.tau, self.delta, self.delta_mode = int(k), float(tau), delta, delta_mode
         self.gated, self.eps = bool(gated), float(eps)
-        self.gate, self.router_top_k = gate, int(router_top_k)
+        self.gate, self.router_top_k, self.grad = gate, int(router_top_k), grad
 
     @property
     def num_experts(self) -> int:
@@ -137,7 +140,7 @@ class MoRALinear(nn.Module):
         if not self.gated:
             return zg * scale
         delta = self.delta if self.delta_active() else None
-        return mora_gate(zg, scale, self.k, self.tau, delta, self.eps)
+        return mora_gate(zg, scale, self.k, self.tau, delta, self.eps, self.grad)
 
     def router_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-expert router weights (..., R): each expert gets its block's gate ``g_b`` (gate mode "router"),
@@ -164,29 +167,42 @@ class MoRALinear(nn.Module):
             c = (z.to(w.dtype) * self.mora_scale.to(w.dtype) * w).to(B.dtype)
             return y + F.linear(c, B).to(y.dtype)
         if self.stats is not None:
-            self.accumulate_stats(z.detach(), B.detach())
+            self.accumulate_stats(z.detach(), B.detach(), x=x.detach(), A=A.detach())
         c = self.gate_coefficients(z).to(B.dtype)
         return y + F.linear(c, B).to(y.dtype)
 
     # -------------------------------------------------------------------------------------------- statistics
-    def start_stats(self) -> None:
-        """Start accumulating per-expert activation statistics on every forward (DESIGN §2)."""
+    def start_stats(self, ladder_min_keep: int | None = None) -> None:
+        """Start accumulating per-expert activation statistics on every forward.
+
+        ``ladder_min_keep`` (self-activated gate only) also measures nested removals from the last block, down
+        to that many experts (``mora.removal``): ``stats["ladder"]`` sums the full adapter output's squared norm
+        and, per rung, the squared change; ``stats["ladder_order"]`` is the block-local removal order."""
         R = self.num_experts
         device = self._weight_like().device
         self.stats = {"selected": torch.zeros(R, dtype=torch.float64, device=device),
                       "weight_sum": torch.zeros(R, dtype=torch.float64, device=device),
                       "mass": torch.zeros(R, dtype=torch.float64, device=device),
                       "tokens": torch.zeros(1, dtype=torch.float64, device=device)}
+        if ladder_min_keep is not None and self.gate == "self" and self.block_sizes:
+            rungs = max(0, self.block_sizes[-1] - int(ladder_min_keep))
+            self.stats["ladder"] = torch.zeros(1 + rungs, dtype=torch.float64, device=device)
+            self.stats["ladder_order"] = None
 
     def stop_stats(self) -> dict[str, torch.Tensor] | None:
         """Stop accumulating; return the local (this process's) sums."""
         stats, self.stats = self.stats, None
         return stats
 
-    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None) -> None:
+    def accumulate_stats(self, z: torch.Tensor, B: torch.Tensor, w: torch.Tensor | None = None,
+                         x: torch.Tensor | None = None, A: torch.Tensor | None = None) -> None:
         """Add one batch: tokens on which each expert was selected (``w_i > 0``), ``Σ w_i`` and the
         contribution mass ``Σ |w_i z_i| · ‖B_i‖``, with the gate as it runs now (mode-dependent threshold);
-        ``w`` gives the weights when the gate is not computed from ``z`` (the router)."""
+        ``w`` gives the weights when the gate is not computed from ``z`` (the router). Given the input ``x``
+        and keys ``A``, ``z`` is recomputed in float64 from them, so the statistics (and the removal ladder)
+        are the layer's function in exact arithmetic, not its rounding."""
+        if x is not None and A is not None:
+            z = F.linear(x.double(), A.double())
         z = z.reshape(-1, z.shape[-1]).double()
         if w is not None:
             w = w.reshape(-1, w.shape[-1]).double()
@@ -204,6 +220,13 @@ class MoRALinear(nn.Module):
         self.stats["weight_sum"] += w.sum(0)
         self.stats["mass"] += (w * z).abs().sum(0) * col_norm
         self.stats["tokens"] += z.shape[0]
+        if "ladder" in self.stats and A is not None:
+            start = self.num_experts - self.block_sizes[-1]
+            order = removal_order(A[start:], B[:, start:])
+            self.stats["ladder_order"] = order
+            self.stats["ladder"] += removal_ladder(
+                z, B, self.mora_scale, start, order, self.stats["ladder"].numel() - 1, k=self.k, tau=self.tau,
+                delta=self.delta if self.delta_active() else None, eps=self.eps, gated=self.gated)
 
     # ------------------------------------------------------------------------------------------ bank changes
     def _refresh_scale(self) -> None:
@@ -341,5 +364,5 @@ class MoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
                 f"blocks={self.block_sizes}, k={self.k}, tau={self.tau}, delta={self.delta}"
-                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}"
+                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}, grad={self.grad}"
                 + (f"(top{self.router_top_k})" if self.gate == "router" else ""))

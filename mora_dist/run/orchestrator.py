@@ -291,7 +291,7 @@ class Orchestrator:
         for b in batches:
             b.pop("labels")
         t = time.monotonic()
-        stats = collect_statistics(self.trainer.forward_model, batches)
+        stats = collect_statistics(self.trainer.forward_model, batches, min_keep=self.cfg.prune.min_keep)
         seconds = time.monotonic() - t
         decision = decide_pruning(stats, self.model, self.cfg.prune)
         check_decision_agrees(decision)
@@ -347,23 +347,10 @@ class Orchestrator:
         return {name: round(v.score, 4) for name, v in in_domain.items()}
 
     def _expert_summary(self, index: int) -> dict | None:
+        from mora_dist.distributed.stats import expert_summary
+
         path = self.dir.stats(index, self.tasks[index])
-        if not path.is_file():
-            return None
-        record = read_json(path)
-        usage: dict[str, list[list[float]]] = {}
-        added = kept = 0
-        for lname, layer in record["layers"].items():
-            group = lname.rsplit(".", 1)[-1]
-            total = sum(sum(b["weight_sum"]) for b in layer["blocks"]) or 1.0
-            usage.setdefault(group, []).append([sum(b["weight_sum"]) / total for b in layer["blocks"]])
-        for entry in record["decision"]["layers"].values():
-            added += len(entry["remove"]) + len(entry["keep"])
-            kept += len(entry["keep"])
-        mean_usage = {g: [sum(col) / len(col) for col in zip(*rows)] for g, rows in usage.items()}
-        return {"summary": {"experts_added": added, "experts_kept": kept, "experts_pruned": added - kept,
-                            "tokens": next(iter(record["layers"].values()))["tokens"]},
-                "usage": mean_usage, "blocks": [b["name"] for b in next(iter(record["layers"].values()))["blocks"]]}
+        return expert_summary(read_json(path)) if path.is_file() else None
 
     def stage_report(self, index: int) -> dict:
         from mora_dist.evaluation.report import rebuild_report
