@@ -66,6 +66,8 @@ class TrainConfig:
         max_examples: use at most this many training examples per task (a fixed seeded subsample); null = all.
         checkpoint_every: write a resumable mid-task checkpoint every this many optimizer steps (0: only at
             the end of the task and on a stop signal).
+        gradient_checkpointing: recompute each decoder block in the backward instead of keeping its activations
+            (non-reentrant activation checkpointing; see ``mora-dist plan`` for the memory it saves).
     """
 
     epochs: float = 1.0
@@ -80,6 +82,7 @@ class TrainConfig:
     seed: int = 42
     max_examples: int | None = None
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.checkpoint_every < 0:

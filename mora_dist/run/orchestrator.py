@@ -149,6 +149,10 @@ class Orchestrator:
             self.model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
             inject_mora(self.model, self.cfg.mora)
             self.trainer = LocalTrainer(self.model, self.cfg)
+        if self.cfg.train.gradient_checkpointing:
+            from mora_dist.activation_checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
 
     def _restore(self, state: RunState, stage: str) -> None:
         """Rebuild the model state that ``stage`` starts from, from the run directory."""
