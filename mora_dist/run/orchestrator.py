@@ -26,12 +26,13 @@ import torch
 from mora_dist import __version__, methods
 from mora_dist.config import ConfigError, RunConfig, dump_config, load_config
 from mora_dist.data import encode_examples, load_task_examples
+from mora_dist.data.grouping import task_batch_order
 from mora_dist.data.tokenize import collate
 from mora_dist.faults import fault_point
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 from mora_dist.run.curves import TrainingCurves
 from mora_dist.run.state import BASE_STAGE, RunDir, RunLock, RunState, RunStateError, task_key
-from mora_dist.training import batch_order, lr_factor, steps_for
+from mora_dist.training import lr_factor, steps_for
 
 EXIT_INTERRUPTED = 75
 
@@ -232,7 +233,8 @@ class Orchestrator:
         else:
             torch.manual_seed(self.cfg.train.seed + index)  # dropout masks independent of earlier stages
         global_batch = self.cfg.train.micro_batch_size * self.world * gas
-        order = list(batch_order(len(encoded), global_batch, steps, self.cfg.train.seed + index))
+        order = task_batch_order(encoded, global_batch, steps, self.cfg.train.seed + index,
+                                 self.cfg.train.group_by_length)
         every = self.cfg.train.checkpoint_every
         bar = _progress(self.main, steps, start, f"train {name}")
         curves = TrainingCurves(self.dir.root) if self.main else None
