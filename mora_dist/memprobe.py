@@ -2,10 +2,10 @@
 
 * ``saved_tensor_bytes``: the bytes autograd saves for backward during a forward, counted once per storage
   (q/k/v share their input), parameters and buffers excluded (saving a weight costs nothing new).
-* ``checkpoint_input_bytes``: what activation checkpointing keeps instead: the hidden states entering each
-  decoder block (non-reentrant checkpointing holds them outside autograd's saved tensors, so hooks miss them).
-* ``parameter_bytes``: storage held by this process for parameters, the ZeRO-3 partition (``ds_tensor``)
-  where DeepSpeed partitions them.
+  Under non-reentrant activation checkpointing the blocks' inputs are what it sees (checkpointing saves them
+  through the same hooks); the block recomputed in backward is not seen.
+* ``parameter_bytes``: storage held by this process for parameters: under ZeRO-3 the partition (``ds_tensor``)
+  and, for the small parameters DeepSpeed keeps gathered, the whole tensor too.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ def saved_tensor_bytes(model: torch.nn.Module):
     Each storage is counted once (views of one tensor, or one tensor saved by several operations); tensors
     sharing storage with a parameter or buffer of ``model`` are skipped. Works for any dtype and device.
     """
-    skip = {_storage_key(p) for p in model.parameters() if p.numel()}
-    skip |= {_storage_key(b) for b in model.buffers() if b.numel()}
+    params = list(model.parameters()) + list(model.buffers())
     seen: dict[tuple[int, int], int] = {}
     result = {"bytes": 0, "tensors": 0}
 
     def pack(t):
         if t.device.type != "meta" and t.numel():
             key = _storage_key(t)
-            if key not in skip and key not in seen:
+            # parameters are looked up when saved: under ZeRO-3 their storage exists only while gathered
+            if key not in seen and not any(p.numel() and p.untyped_storage().data_ptr() == key[0] for p in params):
                 seen[key] = key[1]
         return t
 
@@ -45,30 +45,16 @@ def saved_tensor_bytes(model: torch.nn.Module):
     result["tensors"] = len(seen)
 
 
-@contextlib.contextmanager
-def checkpoint_input_bytes(blocks):
-    """Sum the bytes of the hidden states entering each of ``blocks`` (decoder layers) during the block."""
-    result = {"bytes": 0}
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if torch.is_tensor(hidden):
-            result["bytes"] += hidden.numel() * hidden.element_size()
-
-    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
-    try:
-        yield result
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def parameter_bytes(model: torch.nn.Module, predicate=None) -> int:
-    """Bytes of parameter storage this process holds (the ZeRO-3 partition where partitioned)."""
+    """Bytes of parameter storage this process holds: under ZeRO-3 the partition (``ds_tensor``) plus the whole
+    tensor where it is gathered (persistent small parameters; call it outside forwards)."""
     total = 0
     for name, p in model.named_parameters():
         if predicate is not None and not predicate(name):
             continue
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
-        total += t.numel() * t.element_size()
+        if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor where DeepSpeed keeps it gathered
+            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            total += p.data.numel() * p.data.element_size()
+        else:
+            total += p.numel() * p.element_size()
     return total

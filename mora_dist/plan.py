@@ -7,8 +7,8 @@ The shape comes from ``mora_dist.model_shapes`` (a preset or a local ``config.js
 Components (bytes per GPU; ``e`` = bytes of ``model.dtype``, ``W`` = world size, ``T`` = trainable elements):
 
 * ``base_parameters``: every frozen base tensor, ``e`` bytes per element; under ZeRO-3 each tensor is split over
-  the workers (``ceil(n / W)``) unless it has fewer than ``stage3_param_persistence_threshold`` (1e5) elements,
-  which DeepSpeed keeps whole on every worker; 0 with ``offload_params``.
+  the workers (``ceil(n / W)``), and one with fewer than ``stage3_param_persistence_threshold`` (1e5) elements
+  is also kept whole on every worker; 0 with ``offload_params``.
 * ``adapter_bank``: per adapted layer the frozen experts ``A_frozen`` ((R - r) x d_in), ``B_frozen``
   (d_out x (R - r)) and the active block ``A`` (r x d_in), ``B`` (d_out x r), held like base tensors.
 * ``adapter_gradients``, ``optimizer_states``: **only the active block** is trainable, so only ``T`` elements
@@ -104,9 +104,10 @@ def setting_of(cfg: RunConfig, world: int, seq_len: int | None = None, device: s
 
 
 def _held(numel: int, s: Setting) -> int:
-    """Elements of one parameter tensor held by each worker."""
-    if s.zero3 and numel >= s.persistence:
-        return math.ceil(numel / s.world)
+    """Elements of one parameter tensor held by each worker: its ZeRO-3 partition, plus the whole tensor for a
+    persistent one (fewer elements than the threshold: DeepSpeed keeps it gathered besides its partition)."""
+    if s.zero3:
+        return math.ceil(numel / s.world) + (numel if numel < s.persistence else 0)
     return numel
 
 
@@ -136,6 +137,9 @@ def activation_terms(shape: ModelShape, s: Setting, R: int, frozen: bool) -> dic
       (float32), the top-k mask (1 byte, when k < R), the norm (float32 per token) and the coefficients fed to
       ``B`` (``N R (8 + e) + 4N (+ N R)``; ungated: ``N R e``); with frozen and active blocks the bank is
       concatenated per forward and the copies are saved too, ``R (d_in + d_out) e``.
+
+    Under ZeRO-3 DeepSpeed's linear function saves the input of every linear layer, frozen or not: the
+    blocks' q/k/v, gate/up and down inputs and the output head's input come on top.
 
     Outside the blocks: the final norm ``4Nh + 4N``, the float32 log-softmax of the loss ``4 N V`` and the labels
     ``8N``, RoPE's cos/sin ``2 s head_dim e``. With checkpointing each block keeps only its input, ``N h e``,
@@ -170,14 +174,21 @@ def activation_terms(shape: ModelShape, s: Setting, R: int, frozen: bool) -> dic
             bank += R * (d_in + d_out) * e
             if name in ("q_proj", "k_proj", "v_proj"):  # the first block's keys: only needed for dL/dx
                 first_masks += R * d_in * e
-    per_block = 2 * norm + attention + mlp + inputs + gate + bank
+    zero3_inputs = 0
+    if s.zero3:  # DeepSpeed's ZeRO-3 linear (memory_efficient_linear) saves every input, frozen weight or not
+        adapted_in = set() if s.dropout > 0 else set(s.targets)
+        zero3_inputs += 0 if adapted_in & {"q_proj", "k_proj", "v_proj"} else N * h * e
+        zero3_inputs += 0 if adapted_in & {"gate_proj", "up_proj"} else N * h * e
+        zero3_inputs += 0 if "down_proj" in adapted_in else N * I * e  # o_proj reads the attention output
+    per_block = 2 * norm + attention + mlp + inputs + gate + bank + zero3_inputs
     first_block = per_block - norm - first_masks
-    head = norm + 4 * N * shape.vocab + 8 * N
+    head = norm + 4 * N * shape.vocab + 8 * N + (N * h * e if s.zero3 else 0)
     shared = 2 * s.seq * shape.head_dim * e
     layers = shape.layers
     return {"per_block": per_block, "head": head, "shared": shared,
             "no_checkpointing": (layers - 1) * per_block + first_block + head + shared,
             "checkpointing": layers * N * h * e + per_block + head + shared,
+            "checkpointing_after_forward": layers * N * h * e + head + shared,
             "block_adapter_part": inputs + gate + bank}
 
 
