@@ -123,20 +123,26 @@ def worker(args) -> None:
         shutdown()
 
 
-def launch(nproc: int, args, out: Path) -> list[dict]:
+def torchrun_workers(script: Path, nproc: int, argv: list[str], out: Path, timeout: float = 900) -> list[dict]:
+    """Run ``script argv --worker-out OUT`` under torchrun with ``nproc`` CPU processes on 127.0.0.1; return the
+    JSON list rank 0 wrote to ``out`` (the scripts' workers gather one row per rank there)."""
     from mora_dist.distributed.env import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env["PYTHONPATH"] = str(ROOT)
     cmd = ["torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), str(Path(__file__).resolve()), "--hidden", str(args.hidden), "--layers",
-           str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--stat-batches", str(args.stat_batches), "--worker-out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+           str(free_port()), str(Path(script).resolve()), *argv, "--worker-out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return json.loads(out.read_text())
+
+
+def launch(nproc: int, args, out: Path) -> list[dict]:
+    argv = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab), "--seq",
+            str(args.seq), "--steps", str(args.steps), "--stat-batches", str(args.stat_batches)]
+    return torchrun_workers(Path(__file__), nproc, argv, out)
 
 
 def main() -> None:

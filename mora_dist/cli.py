@@ -9,6 +9,7 @@ Subcommands:
     demo      train MoRA briefly on a short stream of real tasks, save the adapter, reload it, generate
     generate  greedy generation from a base model plus an optional saved adapter
     validate  print the resolved run config (YAML + overrides) and check every task's data (no model is loaded)
+    plan      per-GPU memory of a stream before launch (model shape only, no weights)
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _cmd_validate(args) -> int:
             return load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     check = check_stream_data(cfg, loader)  # every file is read before the tokenizer loads
     print(f"# data: every split the run uses reads and checks out\n{check.summary()}", file=sys.stderr)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    import json
+
+    from mora_dist.config import load_config
+    from mora_dist.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, args.world_size, args.gpu_memory, seq_len=args.seq_len)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result), end="\n" if args.json else "")
     return 0
 
 
@@ -190,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the answer-length check (it loads the tokenizer, never the model)")
     v.set_defaults(func=_cmd_validate)
 
+    pl = sub.add_parser("plan", help="per-GPU memory of a stream before launch, per component and task")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides (model.name: a folder or a shape preset)")
+    pl.add_argument("--world-size", type=int, default=1, help="data-parallel workers (GPUs)")
+    pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits, and how")
+    pl.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: model.max_length)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
+
     g = sub.add_parser("generate", help="greedy generation with a base model and an optional adapter")
     g.add_argument("--model", default="smollm2-135m-instruct", help="local folder, .gguf file or packaged name")
     g.add_argument("--adapter", default=None, help="adapter folder written by a run or the demo")
@@ -232,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     from mora_dist.mora.adapter import AdapterError
     from mora_dist.mora.config import MoRAConfigError
     from mora_dist.distributed.env import DistributedEnvError
+    from mora_dist.model_shapes import ShapeError
     from mora_dist.run.state import RunStateError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError, RunStateError,
-            DistributedEnvError) as err:
+            DistributedEnvError, ShapeError) as err:
         print(f"mora-dist: error: {err}", file=sys.stderr)
         return 2
 

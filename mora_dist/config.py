@@ -66,6 +66,10 @@ class TrainConfig:
         max_examples: use at most this many training examples per task (a fixed seeded subsample); null = all.
         checkpoint_every: write a resumable mid-task checkpoint every this many optimizer steps (0: only at
             the end of the task and on a stop signal).
+        gradient_checkpointing: recompute each decoder block in the backward instead of keeping its activations
+            (non-reentrant activation checkpointing; see ``mora-dist plan`` for the memory it saves).
+        group_by_length: build each global batch from examples of similar length (seeded, the same at any world
+            size and on resume; ``mora_dist.data.grouping``) to cut padding.
     """
 
     epochs: float = 1.0
@@ -80,6 +84,8 @@ class TrainConfig:
     seed: int = 42
     max_examples: int | None = None
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
 
     def __post_init__(self):
         if self.checkpoint_every < 0:

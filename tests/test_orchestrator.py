@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import CL_DATA, REPO
 from mora_dist.config import load_config
+from mora_dist.run.curves import read_metrics
 from mora_dist.run.orchestrator import EXIT_INTERRUPTED, Limits, Orchestrator
 from mora_dist.run.state import RunLock, RunStateError, all_stages
 
@@ -61,6 +62,8 @@ def results(run_dir: Path) -> dict:
     for f in sorted((run_dir / "stats").glob("*.json")):
         out[f.name] = json.loads(f.read_text())["decision"]["hash"]
     out["report"] = json.loads((run_dir / "report" / "report.json").read_text())["matrix"]
+    # the training curves: one line per optimizer step, resumed or not, with the same values
+    out["curves"] = [(r["task_index"], r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_metrics(run_dir)]
     return out
 
 
@@ -97,6 +100,8 @@ def test_full_run_writes_everything(reference):
     matrix = json.loads((run_dir / "report/report.json").read_text())["matrix"]
     assert len(matrix) == 3 and all(v is not None for v in matrix[0])  # base row: every task
     assert matrix[1][1] is not None  # the next task is evaluated too (FWT)
+    assert [c[:2] for c in res["curves"]] == [(t, s) for t in range(2) for s in range(1, 5)]
+    assert (run_dir / "report" / "loss_curves.png").is_file()
 
 
 def test_finished_run_does_nothing(reference, tiny_model_dir, tmp_path):

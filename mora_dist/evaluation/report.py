@@ -26,7 +26,8 @@ built from a run directory whose evaluations stored per-example scores), ``gener
 ``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
 figures ``accuracy_matrix.png``, ``task_curves.png``, ``general_curves.png`` (when general scores exist) and
 ``expert_usage_<group>.png`` per layer group (when usage data exist: the share of gate weight per block and,
-beside it, the mean weight per expert of the block).
+beside it, the mean weight per expert of the block), and ``loss_curves.png`` (the training loss per step, a panel
+per task, from a run directory's ``metrics.jsonl``).
 
 ``rebuild_report(run_dir)`` reads the per-stage files ``<run_dir>/eval/stage_XX_<name>.json`` written by
 ``results.write_stage_results`` (XX = 00 for the base model, i + 1 after task i; only their ``mora_dist`` section is
@@ -323,6 +324,10 @@ def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir
     out.mkdir(parents=True, exist_ok=True)
     rep = compute_report(data, intervals)
     figures = render_figures(rep, out)
+    if isinstance(run_dir_or_data, (str, os.PathLike)):  # the training curves of RUN_DIR/metrics.jsonl
+        from mora_dist.run.curves import plot_loss_curves
+
+        figures += [f for f in [plot_loss_curves(run_dir_or_data, out)] if f is not None]
     rep["figures"] = [p.name for p in figures]
     atomic_write_json(out / "report.json", rep)
     atomic_write_text(out / "report.md", render_markdown(rep, figures))

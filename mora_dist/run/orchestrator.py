@@ -26,11 +26,13 @@ import torch
 from mora_dist import __version__, methods
 from mora_dist.config import ConfigError, RunConfig, dump_config, load_config
 from mora_dist.data import encode_examples, load_task_examples
+from mora_dist.data.grouping import task_batch_order
 from mora_dist.data.tokenize import collate
 from mora_dist.faults import fault_point
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
+from mora_dist.run.curves import TrainingCurves
 from mora_dist.run.state import BASE_STAGE, RunDir, RunLock, RunState, RunStateError, task_key
-from mora_dist.training import batch_order, steps_for
+from mora_dist.training import lr_factor, steps_for
 
 EXIT_INTERRUPTED = 75
 
@@ -150,6 +152,10 @@ class Orchestrator:
             self.model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
             inject_mora(self.model, self.cfg.mora)
             self.trainer = LocalTrainer(self.model, self.cfg)
+        if self.cfg.train.gradient_checkpointing:
+            from mora_dist.activation_checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
 
     def _restore(self, state: RunState, stage: str) -> None:
         """Rebuild the model state that ``stage`` starts from, from the run directory."""
@@ -228,9 +234,14 @@ class Orchestrator:
         else:
             torch.manual_seed(self.cfg.train.seed + index)  # dropout masks independent of earlier stages
         global_batch = self.cfg.train.micro_batch_size * self.world * gas
-        order = list(batch_order(len(encoded), global_batch, steps, self.cfg.train.seed + index))
+        order = task_batch_order(encoded, global_batch, steps, self.cfg.train.seed + index,
+                                 self.cfg.train.group_by_length)
         every = self.cfg.train.checkpoint_every
         bar = _progress(self.main, steps, start, f"train {name}")
+        curves = TrainingCurves(self.dir.root) if self.main else None
+        if curves is not None:  # drop the lines of steps the resumed run trains again (see run/curves.py)
+            curves.begin_task(index, name, start)
+        t = self.cfg.train
         loss = float("nan")
         tokens_seen, t_start = 0, time.monotonic()
         try:
@@ -238,6 +249,10 @@ class Orchestrator:
                 t_step = time.monotonic()
                 batches = self._micro_batches(encoded, order[step], gas)
                 loss = self.trainer.step(step, batches)
+                if curves is not None:
+                    curves.log_step(step + 1, steps, loss, lr * lr_factor(step, steps, t.schedule, t.warmup_steps),
+                                    getattr(self.trainer, "last_grad_norm", None),
+                                    sum(len(encoded[i]["input_ids"]) for i in order[step]), time.monotonic() - t_step)
                 fault_point(f"train_step:{name}")
                 self._step_seconds = max(self._step_seconds, time.monotonic() - t_step)
                 tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches) * self.world
@@ -258,6 +273,8 @@ class Orchestrator:
         finally:
             if bar is not None:
                 bar.close()
+            if curves is not None:
+                curves.close()
             self.trainer.end()
         self._progress_file(name, steps, steps, loss)
         return {"steps": steps, "final_loss": loss, "lr": lr, "data": report.as_dict()}

@@ -101,8 +101,9 @@ class LocalTrainer:
         penalty = extra_loss(self.model, self.cfg)  # a method's regulariser (O-LoRA), once per step
         if penalty is not None:
             penalty.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], t.grad_clip)
+        # the norm before clipping, for the training curves (an infinite bound leaves the gradients as they are)
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for g in self.opt.param_groups for p in g["params"]], t.grad_clip or float("inf")))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.eval()
@@ -245,7 +246,10 @@ class DeepSpeedTrainer:
     def step(self, step: int, micro_batches: list[dict]) -> float:
         from mora_dist.distributed import engine as eng
 
-        return eng.train_task(self.engine, micro_batches)[0]
+        loss = eng.train_task(self.engine, micro_batches)[0]
+        norm = self.engine.get_global_grad_norm()  # ZeRO 1-3 compute it at every step; None without ZeRO
+        self.last_grad_norm = None if norm is None else float(norm)
+        return loss
 
     def save_checkpoint(self, root: Path, step: int) -> Path:
         """``root/step-N``: gathered adapter plus DeepSpeed's sharded engine state, renamed into place by rank 0
