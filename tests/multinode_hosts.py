@@ -8,7 +8,6 @@ made (not root, no ``ip``, no sshd: run ``launch/system_deps.sh``) the tests tha
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CL_DATA, REPO
+from conftest import REPO
+from tiny_stream import run_cmd, run_env
 
 SCRIPT = REPO / "launch" / "netns_hosts.sh"
 HOSTS = ("mora-node1", "mora-node2")
@@ -32,17 +32,8 @@ def unavailable_reason() -> str | None:
 
 
 def node_env(**extra: str) -> dict[str, str]:
-    """The environment a node's processes start from: the venv first on PATH, the repository importable, the
-    extension cache and data, offline, one thread, and gloo on the hosts' interface."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MORA_DIST_FAULT")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-               MORA_DATA_ROOT=str(CL_DATA), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME=IFNAME)
-    env.update(extra)
-    return env
+    """The environment a node's processes start from (``tiny_stream.run_env``), gloo on the hosts' interface."""
+    return run_env(GLOO_SOCKET_IFNAME=IFNAME, **extra)
 
 
 @dataclass
@@ -60,9 +51,8 @@ class Hosts:
                                 stderr=subprocess.STDOUT, text=True)
 
     def run(self, node: int, cmd: list[str], env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(node, cmd), cwd=REPO, env=env or node_env(), capture_output=True,
-                              text=True, timeout=timeout)
+                timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_cmd(self.command(node, cmd), env or node_env(), timeout)
 
 
 @pytest.fixture(scope="module")

@@ -11,29 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CL_DATA, REPO
-from multinode_hosts import HOSTS, netns_hosts, node_env  # noqa: F401  (netns_hosts is a fixture)
+from conftest import CL_DATA
+from multinode_hosts import HOSTS, netns_hosts  # noqa: F401  (a fixture)
 from tiny_stream import assert_same_outcome, outcome, write_stream_config
 
 pytestmark = [pytest.mark.multinode,
               pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")]
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory):
-    """The one-process run of the stream."""
-    root = tmp_path_factory.mktemp("single")
-    cfg = write_stream_config(root / "single.yaml", tiny_model_dir, root / "run", zero_stage=0)
-    proc = subprocess.run([sys.executable, "-m", "mora_dist", "run", str(cfg)], cwd=REPO, env=node_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return outcome(root / "run")
 
 
 def check_two_hosts(log: str, run_dir, name: str) -> None:
@@ -44,7 +31,8 @@ def check_two_hosts(log: str, run_dir, name: str) -> None:
     assert json.loads((run_dir / "version.json").read_text())["world_size"] == 2
 
 
-def test_deepspeed_launcher_with_a_hostfile(netns_hosts, reference, tiny_model_dir, tmp_path):  # noqa: F811
+def test_deepspeed_launcher_with_a_hostfile(netns_hosts, tiny_stream_reference, tiny_model_dir,  # noqa: F811
+                                            tmp_path):
     if shutil.which("pdsh") is None:
         pytest.skip("pdsh is not installed (launch/system_deps.sh installs it); the deepspeed launcher needs it")
     hostfile = tmp_path / "hostfile"
@@ -56,10 +44,11 @@ def test_deepspeed_launcher_with_a_hostfile(netns_hosts, reference, tiny_model_d
     assert proc.returncode == 0, log[-6000:]
     assert "--master_addr mora-node1" in log  # the first host of the hostfile, not `hostname -I`
     check_two_hosts(log, tmp_path / "run", "deepspeed")
-    assert_same_outcome(outcome(tmp_path / "run"), reference, "deepspeed launcher, ZeRO-3")
+    assert_same_outcome(outcome(tmp_path / "run"), tiny_stream_reference, "deepspeed launcher, ZeRO-3")
 
 
-def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, reference, tiny_model_dir, tmp_path):  # noqa: F811
+def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, tiny_stream_reference,  # noqa: F811
+                                                    tiny_model_dir, tmp_path):
     cfg = write_stream_config(tmp_path / "tr.yaml", tiny_model_dir, tmp_path / "run", zero_stage=2)
     cmd = ["bash", "launch/torchrun.sh", "--nproc", "1", "--nnodes", "2", "--master-addr", HOSTS[0],
            "--master-port", "29411", "--", "run", str(cfg)]
@@ -74,14 +63,14 @@ def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, reference, tiny
     logs = [(tmp_path / f"node{node}.log").read_text() for node in (1, 2)]
     assert codes == [0, 0], "\n\n".join(l[-4000:] for l in logs)
     check_two_hosts("\n".join(logs), tmp_path / "run", "torchrun")
-    assert_same_outcome(outcome(tmp_path / "run"), reference, "torchrun, ZeRO-2")
+    assert_same_outcome(outcome(tmp_path / "run"), tiny_stream_reference, "torchrun, ZeRO-2")
 
 
-def test_mpiexec_with_two_hosts(netns_hosts, reference, tiny_model_dir, tmp_path):  # noqa: F811
+def test_mpiexec_with_two_hosts(netns_hosts, tiny_stream_reference, tiny_model_dir, tmp_path):  # noqa: F811
     cfg = write_stream_config(tmp_path / "mpi.yaml", tiny_model_dir, tmp_path / "run", zero_stage=3)
     proc = netns_hosts.run(1, ["bash", "launch/mpirun.sh", "-n", "2", "--hosts", ",".join(HOSTS), "--",
                                "run", str(cfg)], timeout=TIMEOUT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     check_two_hosts(log, tmp_path / "run", "mpiexec")
-    assert_same_outcome(outcome(tmp_path / "run"), reference, "mpiexec, ZeRO-3")
+    assert_same_outcome(outcome(tmp_path / "run"), tiny_stream_reference, "mpiexec, ZeRO-3")

@@ -4,6 +4,10 @@ run of it produced, for the tests that compare runs on different launchers and w
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +15,42 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import CL_DATA, REPO
+
 TASKS = ("FOMC", "NumGLUE-cm")
 # ZeRO's tolerance against one process (partitioned reductions sum in another order)
 LOSS_RTOL, ADAPTER_ATOL, ADAPTER_RTOL = 1e-4, 1e-4, 1e-3
 
 
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment runs start from: no launcher variables left over, the venv first on PATH, the repository
+    importable, the extension cache and data, offline, one thread per process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MORA_DIST_FAULT")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+               MORA_DATA_ROOT=str(CL_DATA), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; past ``timeout`` the whole group is killed and the test fails."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def write_stream_config(path: Path, model_dir: Path, run_dir: Path, *, data_root: str = "${MORA_DATA_ROOT}",
-                        steps: int = 2, checkpoint_every: int = 2, zero_stage: int = 2) -> Path:
+                        steps: int = 4, checkpoint_every: int = 2, zero_stage: int = 2) -> Path:
     """A config whose runs agree on any world size: a fixed global batch of 4, dropout and pruning off.
 
     ``data_root`` defaults to the variable, so a worker finds the data only if the launcher carried
