@@ -169,7 +169,7 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 class DeepSpeedTrainer:
-    """Training under DeepSpeed (ZeRO 0-3) through ``mora_dist.distributed.engine``, the only deepspeed user.
+    """Training under DeepSpeed (ZeRO 0-3) through ``mora_dist.distributed.engine`` (and ``engine_state``).
 
     Mid-task checkpoints hold the gathered adapter and the active block's gathered optimizer state
     (``mora_dist.run.portable``), so a task resumes on any world size; so does the adapter of every task boundary.
