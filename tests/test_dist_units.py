@@ -201,7 +201,9 @@ def test_slurm_sbatch_builds_hostfile_and_calls_deepspeed(tmp_path):
         called = (tmp_path / f"{tool}.args").read_text().split()
         assert called[-3:] == ["run", "cfg.yaml", "train.lr=1e-4"]
         if tool == "deepspeed":
-            assert called[1:5] == ["--hostfile", "runs/slurm/hostfile-77", "--launcher", "slurm"]
+            assert called[1:5] == ["--hostfile", "runs/slurm/hostfile-77", "--master_addr", "gpu1"]
+            assert "--launcher" not in called  # pdsh: DeepSpeed's slurm backend sets no RANK for its tasks
+            assert "\nPATH=" in "\n" + (tmp_path / "runs/slurm/env-77").read_text()  # the venv reaches the nodes
             assert "gpu1" in called
         else:
             assert "--rdzv_endpoint" in called and "gpu1:29500" in called and "77" in called

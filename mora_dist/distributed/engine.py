@@ -1,4 +1,4 @@
-"""MoRA under DeepSpeed ZeRO 0-3: the only module of the package that imports ``deepspeed``.
+"""MoRA under DeepSpeed ZeRO 0-3: with ``engine_state.py`` the only modules of the package that import ``deepspeed``.
 
 Once per run, on every rank::
 

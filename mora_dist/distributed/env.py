@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Mapping
@@ -227,6 +228,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
                             timeout=timedelta(seconds=timeout_s))
+    # one line per worker: where each rank landed (the first thing to check on a new cluster)
+    print(f"[mora-dist] rank {info.rank}/{info.world_size} on {socket.gethostname()} ({info.launcher} launcher, "
+          f"rendezvous {info.master_addr}:{info.master_port}, {backend})", file=sys.stderr, flush=True)
     return info.rank, info.world_size, info.local_rank
 
 

@@ -6,6 +6,7 @@ The shell scripts in ``launch/`` are thin wrappers around this module::
     python -m mora_dist.distributed.launch_cmd torchrun --nproc 2 -- run configs/x.yaml
     python -m mora_dist.distributed.launch_cmd mpirun -n 2 -- run configs/x.yaml
     python -m mora_dist.distributed.launch_cmd hostfile --slurm-nodelist 'gpu[01-02]' --slots 4
+    python -m mora_dist.distributed.launch_cmd envfile > env   # what the deepspeed launcher forwards to nodes
 
 Each prints one shell-quoted command. Every worker runs ``python -m <module> <args>`` (the product's entry
 point is ``mora_dist``, i.e. ``python -m mora_dist run CONFIG [key=value ...]``); ranks are discovered by
@@ -15,6 +16,7 @@ point is ``mora_dist``, i.e. ``python -m mora_dist run CONFIG [key=value ...]``)
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -22,6 +24,12 @@ from typing import Sequence
 
 DEFAULT_MODULE = "mora_dist"
 DEFAULT_PORT = 29500
+# What a worker on another node needs from the launching shell: the venv (PATH), the caches and data, the
+# offline switches and the network interface choice. The deepspeed launcher forwards only PYTHON* by itself;
+# mpiexec (Hydra) forwards everything; torchrun and srun are started in a shell of each node.
+FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS",
+                "TOKENIZERS_PARALLELISM")
+FORWARD_PREFIXES = ("MORA_", "GLOO_", "NCCL_", "HF_", "TRANSFORMERS_")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -78,19 +86,52 @@ def parse_hostfile(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def first_host(hostfile: str) -> str | None:
+    """The first host of a DeepSpeed hostfile (the rendezvous), or ``None`` if it cannot be read here."""
+    try:
+        hosts = parse_hostfile(open(hostfile).read())
+    except OSError:
+        return None
+    return hosts[0][0] if hosts else None
+
+
+def forwarded_env(environ: dict | None = None, extra_files: Sequence[str] = ()) -> str:
+    """The ``.deepspeed_env`` text that carries this shell's run environment to every node (``KEY=VALUE`` lines).
+
+    The deepspeed launcher exports these lines before it starts each node's processes over ssh (pdsh).
+    ``extra_files`` (the user's own ``.deepspeed_env`` files, if any) are appended, so their values win.
+    Values the launcher's quoting cannot carry (quotes, ``$``, backslashes, new lines) are left out.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    lines = []
+    for key in sorted(environ):
+        if key in FORWARD_VARS or key.startswith(FORWARD_PREFIXES):
+            value = environ[key]
+            if not re.search(r'["$`\\\n]', value):
+                lines.append(f"{key}={value}\n")
+    for path in extra_files:
+        if os.path.isfile(path):
+            text = open(path).read()
+            lines.append(text if text.endswith("\n") or not text else text + "\n")
+    return "".join(lines)
+
+
 def deepspeed_cmd(args: Sequence[str], *, gpus: int | None = None, hostfile: str | None = None,
                   master_addr: str | None = None, master_port: int = DEFAULT_PORT, module: str = DEFAULT_MODULE,
                   launcher: str | None = None) -> list[str]:
     """The deepspeed launcher: one node (``gpus`` processes on localhost) or the nodes of ``hostfile``.
 
-    On one node the rendezvous is 127.0.0.1 unless ``master_addr`` says otherwise; with a hostfile DeepSpeed
-    uses the first host. ``launcher`` picks the multi-node backend (pdsh by default, ``slurm``, ``openmpi``).
+    On one node the rendezvous is 127.0.0.1 unless ``master_addr`` says otherwise; with a hostfile it is the
+    first host of the file (DeepSpeed itself would take the first address ``hostname -I`` prints there, which can
+    be an interface the other nodes cannot reach). ``launcher`` picks the multi-node backend (pdsh by default,
+    ``slurm``, ``openmpi``).
     """
     cmd = ["deepspeed"]
     if hostfile is not None:
         cmd += ["--hostfile", hostfile]
         if launcher:
             cmd += ["--launcher", launcher]
+        master_addr = master_addr or first_host(hostfile)
         if master_addr:
             cmd += ["--master_addr", master_addr]
     else:
@@ -119,14 +160,16 @@ def mpirun_cmd(args: Sequence[str], *, n: int, hosts: Sequence[str] | None = Non
                master_port: int | None = None) -> list[str]:
     """mpiexec (MPICH/Hydra syntax; Open MPI accepts ``-n`` and ``-hosts`` as ``--host``).
 
-    Ranks are read through mpi4py; MASTER_ADDR/MASTER_PORT are passed with ``-genv`` when given (else
-    127.0.0.1 on one host or rank 0's host name, and a port chosen by rank 0).
+    Ranks are read through mpi4py; MASTER_ADDR/MASTER_PORT are passed with ``-genv`` (MASTER_ADDR defaults to the
+    first of ``hosts``, where Hydra places rank 0; without hosts, 127.0.0.1, and a port chosen by rank 0).
+    Hydra forwards the launching shell's whole environment to every rank.
     """
     if n < 1:
         raise ValueError(f"n={n}: at least one process")
     cmd = [mpiexec, "-n", str(n)]
     if hosts:
         cmd += ["-hosts", ",".join(hosts)]
+        master_addr = master_addr or hosts[0].split(":", 1)[0]  # Hydra's "host:procs"
     if master_addr:
         cmd += ["-genv", "MASTER_ADDR", master_addr]
     if master_port:
@@ -172,11 +215,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--slurm-nodelist", help="compressed list (SLURM_JOB_NODELIST)")
     h.add_argument("--hosts", help="comma-separated host names (e.g. from scontrol show hostnames)")
     h.add_argument("--slots", type=int, required=True)
+    sub.add_parser("envfile", help="print the .deepspeed_env lines that carry this environment to other nodes")
     a = p.parse_args(argv)
     port = getattr(a, "master_port", None) or DEFAULT_PORT
     if a.kind == "hostfile":
         hosts = a.hosts.split(",") if a.hosts else expand_nodelist(a.slurm_nodelist or "")
         sys.stdout.write(hostfile_text([h for h in hosts if h], a.slots))
+        return 0
+    if a.kind == "envfile":
+        user = [os.path.expanduser("~/.deepspeed_env"), ".deepspeed_env", os.environ.get("DS_ENV_FILE", "")]
+        sys.stdout.write(forwarded_env(extra_files=[f for f in dict.fromkeys(user) if f]))
         return 0
     if a.kind == "deepspeed":
         cmd = deepspeed_cmd(rest, gpus=a.gpus, hostfile=a.hostfile, master_addr=a.master_addr, master_port=port,

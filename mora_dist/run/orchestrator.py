@@ -231,6 +231,7 @@ class Orchestrator:
         self.trainer.begin(steps, lr)
         if start > 0:
             self.trainer.restore_optimizer(ckpt)  # optimizer and RNG exactly as at the checkpoint
+            self.log(f"{name}: resumed at step {start} of {steps} on {self.world} worker(s)")
         else:
             torch.manual_seed(self.cfg.train.seed + index)  # dropout masks independent of earlier stages
         global_batch = self.cfg.train.micro_batch_size * self.world * gas

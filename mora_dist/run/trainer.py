@@ -21,12 +21,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mora_dist.io import atomic_write_json, fsync_dir, read_json
 from mora_dist.methods import extra_loss
 from mora_dist.mora import add_block, freeze_blocks, load_adapter, save_adapter, trainable_parameters
 from mora_dist.mora.model import unfreeze_last_block
+from mora_dist.run import portable
 from mora_dist.training import lr_factor
 
 
@@ -110,17 +111,13 @@ class LocalTrainer:
         return total
 
     def save_checkpoint(self, root: Path, step: int) -> Path:
-        """``root/step-N``: adapter (with the active block), optimizer and RNG state, so training resumes
-        bit-exactly; written to a temporary folder and renamed, so a checkpoint is complete or absent."""
+        """``root/step-N``: adapter (with the active block), optimizer and RNG state in the world-size independent
+        form of ``mora_dist.run.portable`` (bit-exact to resume here, loadable by any number of workers); written
+        to a temporary folder and renamed, so a checkpoint is complete or absent."""
         tmp = checkpoint_tmp(root, step)
         save_adapter(self.model, tmp / "adapter")
-        if self.opt is not None:
-            flat, meta = _flatten_optimizer(self.opt.state_dict())
-            flat["torch_rng_state"] = torch.get_rng_state()
-            save_file(flat, str(tmp / "trainer_state.safetensors"))
-        else:
-            meta = None
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "optimizer": meta, "world_size": 1})
+        portable.write_state(tmp, portable.local_state(self.opt, list(trainable_parameters(self.model)), step=step,
+                                                       global_batch_now=portable.global_batch(self.cfg, 1)))
         return commit_checkpoint(root, tmp, step)
 
     def load_checkpoint(self, root: Path) -> int:
@@ -132,8 +129,14 @@ class LocalTrainer:
         return read_json(directory / "trainer_state.json")["step"]
 
     def restore_optimizer(self, root: Path) -> None:
+        """Optimizer and RNG state of the newest checkpoint, written by this trainer or by any number of workers."""
         directory = latest_checkpoint(root)
-        info = read_json(directory / "trainer_state.json")
+        if portable.is_portable(directory):
+            named = list(trainable_parameters(self.model))
+            state = portable.read_state(directory, [n for n, _ in named], portable.global_batch(self.cfg, 1))
+            portable.load_local(self.opt, named, state)
+            return
+        info = read_json(directory / "trainer_state.json")  # the earlier one-process format
         flat = load_file(str(directory / "trainer_state.safetensors"))
         torch.set_rng_state(flat.pop("torch_rng_state"))
         self.opt.load_state_dict(_unflatten_optimizer(flat, info["optimizer"]))
@@ -159,21 +162,6 @@ class LocalTrainer:
         pass
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state dict as flat tensors (for safetensors) plus JSON metadata."""
-    flat, meta_state = {}, {}
-    for pid, st in state["state"].items():
-        entry = {}
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                flat[f"state.{pid}.{key}"] = value.detach().clone().contiguous()
-                entry[key] = "tensor"
-            else:
-                entry[key] = value
-        meta_state[str(pid)] = entry
-    return flat, {"state": meta_state, "param_groups": state["param_groups"]}
-
-
 def _unflatten_optimizer(flat: dict[str, torch.Tensor], meta: dict) -> dict:
     state = {}
     for pid, entry in meta["state"].items():
@@ -182,10 +170,10 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 class DeepSpeedTrainer:
-    """Training under DeepSpeed (ZeRO 0-3) through ``mora_dist.distributed.engine``, the only deepspeed user.
+    """Training under DeepSpeed (ZeRO 0-3) through ``mora_dist.distributed.engine`` (and ``engine_state``).
 
-    Mid-task checkpoints use DeepSpeed's own sharded checkpoint (resume with the same world size); the
-    adapter at every task boundary is gathered and restorable onto any world size.
+    Mid-task checkpoints hold the gathered adapter and the active block's gathered optimizer state
+    (``mora_dist.run.portable``), so a task resumes on any world size; so does the adapter of every task boundary.
     """
 
     def __init__(self, model, cfg, ds_config_file: Path | None = None):
@@ -252,8 +240,8 @@ class DeepSpeedTrainer:
         return loss
 
     def save_checkpoint(self, root: Path, step: int) -> Path:
-        """``root/step-N``: gathered adapter plus DeepSpeed's sharded engine state, renamed into place by rank 0
-        once every worker has written its shard."""
+        """``root/step-N``: gathered adapter and optimizer state (any world size resumes it), written by rank 0
+        and renamed into place (a collective: every worker calls it)."""
         from mora_dist.distributed import engine as eng
 
         tmp = Path(root) / f".tmp-step-{step:06d}"
@@ -261,12 +249,18 @@ class DeepSpeedTrainer:
             checkpoint_tmp(root, step)
         self.env.barrier()
         eng.save_adapter_distributed(self.model, tmp / "adapter")
+        named = list(trainable_parameters(self.model))
+        opt_step, moments, masters = 0, {n: {} for n, _ in named}, {}
         if self.engine is not None:
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-        self.env.barrier()
+            from mora_dist.distributed import engine_state
+
+            opt_step, moments, masters = engine_state.gather_state(self.engine, named, eng.DTYPES[self.cfg.model.dtype])
+        rng = _all_gather_rng(self.world_size)
         final = Path(root) / f"step-{step:06d}"
         if self.env.is_main():
-            atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": self.world_size})
+            portable.write_state(tmp, portable.PortableState(
+                step, self.world_size, portable.global_batch(self.cfg, self.world_size), opt_step, moments, masters,
+                rng))
             commit_checkpoint(root, tmp, step)
         self.env.barrier()
         return final
@@ -277,17 +271,27 @@ class DeepSpeedTrainer:
         directory = latest_checkpoint(root)
         if directory is None:
             raise FileNotFoundError(f"{root}: no checkpoint")
-        info = read_json(directory / "trainer_state.json")
-        if info.get("world_size", self.world_size) != self.world_size:
-            raise RuntimeError(f"{directory}: a mid-task checkpoint written by {info['world_size']} workers cannot "
-                               f"resume on {self.world_size}; finish the task with {info['world_size']} workers")
         self._drop_inference_engine()
         eng.load_adapter_distributed(self.model, Path(directory) / "adapter", trainable_last=True)
-        return info["step"]
+        return read_json(directory / "trainer_state.json")["step"]
 
     def restore_optimizer(self, root: Path) -> None:
+        """Optimizer state, schedule position and RNG of the newest checkpoint, written on any world size."""
         directory = latest_checkpoint(root)
-        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+        info = read_json(directory / "trainer_state.json")
+        if not portable.is_portable(directory):  # DeepSpeed's sharded checkpoint of earlier versions
+            if info["world_size"] != self.world_size:
+                raise portable.ResumeError(
+                    f"{directory}: a mid-task checkpoint of an earlier version, written by {info['world_size']} "
+                    f"workers, resumes only on {info['world_size']}")
+            self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+            return
+        from mora_dist.distributed import engine_state
+
+        named = list(trainable_parameters(self.model))
+        state = portable.read_state(directory, [n for n, _ in named], portable.global_batch(self.cfg, self.world_size))
+        engine_state.restore_state(self.engine, named, state, info["step"])
+        torch.set_rng_state(state.rng_state(self.rank, self.world_size))
 
     def end(self) -> None:
         from mora_dist.distributed import engine as eng
@@ -321,3 +325,15 @@ class DeepSpeedTrainer:
 
     def barrier(self) -> None:
         self.env.barrier()
+
+
+def _all_gather_rng(world_size: int) -> list[torch.Tensor]:
+    """Every worker's torch RNG state, in rank order (on every worker)."""
+    state = torch.get_rng_state()
+    if world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
