@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zero_memory import torchrun_workers  # noqa: E402  (the 2-worker launcher of the ZeRO benchmark)
+from zero_memory import torchrun_workers, write_rows  # noqa: E402  (the ZeRO benchmark's 2-worker helpers)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -92,7 +92,7 @@ def worker(args) -> None:
     from mora_dist.distributed.env import init_distributed, shutdown
     from mora_dist.memprobe import parameter_bytes
     from mora_dist.models import load_model
-    from mora_dist.mora import add_block, freeze_blocks, inject_mora, is_adapter_parameter, trainable_parameters
+    from mora_dist.mora import add_block, inject_mora, is_adapter_parameter, trainable_parameters
 
     rank, world, _ = init_distributed()
     try:
@@ -160,13 +160,7 @@ def worker(args) -> None:
         row["adapter_bank"] = parameter_bytes(model, is_adapter_parameter)
         if world > 1:
             E.destroy_engine(engine)
-        rows = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rows, row)
-        else:
-            rows = [row]
-        if rank == 0:
-            Path(args.worker_out).write_text(json.dumps(rows))
+        write_rows(row, world, rank, args.worker_out)
     finally:
         shutdown()
 

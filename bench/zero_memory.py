@@ -112,15 +112,22 @@ def worker(args) -> None:
                "stats_allreduce_seconds": stats["allreduce_seconds"],
                "stats_allreduce_bytes": stats["allreduce_bytes"],
                "isolated_allreduce_seconds_median": sorted(isolated)[2]}
-        rows = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rows, row)
-        else:
-            rows = [row]
-        if rank == 0:
-            Path(args.worker_out).write_text(json.dumps(rows))
+        write_rows(row, world, rank, args.worker_out)
     finally:
         shutdown()
+
+
+def write_rows(row: dict, world: int, rank: int, path) -> None:
+    """Gather every worker's measurements and let rank 0 write them, in rank order, as JSON."""
+    import torch
+
+    rows = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if rank == 0:
+        Path(path).write_text(json.dumps(rows))
 
 
 def torchrun_workers(script: Path, nproc: int, argv: list[str], out: Path, timeout: float = 900) -> list[dict]:
