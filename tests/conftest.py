@@ -1,31 +1,17 @@
-"""Shared fixtures: tiny Llama models built in code, the real SmolLM2 model loaded once, hygiene."""
+"""Shared fixtures: tiny Llama models built in code, the real SmolLM2 model loaded once, hygiene (shared code
+that is not a fixture lives in ``tests/support``)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support import CL_DATA, tiny_llama_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-# The TRACE-style task folders (the same variable the configs read).
-CL_DATA = Path(os.environ.get("MORA_DATA_ROOT", REPO.parent / "shared" / "data" / "llm-cl-benchmark-500"))
-
-
-def tiny_llama_config(**overrides):
-    """A 2-layer Llama small enough for unit tests."""
-    from transformers import LlamaConfig
-
-    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               tie_word_embeddings=False)
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
-
 
 @pytest.fixture
 def tiny_llama():
@@ -91,7 +77,7 @@ def tiny_stream_reference(tiny_model_dir, tmp_path_factory):
     """What one process makes of the tiny stream of ``tiny_stream.py`` (the yardstick of multi-worker runs)."""
     import sys
 
-    from tiny_stream import outcome, run_cmd, run_env, write_stream_config
+    from tests.support.tiny_stream import outcome, run_cmd, run_env, write_stream_config
 
     if not (CL_DATA / "FOMC").is_dir():
         pytest.skip(f"real data missing: {CL_DATA}")

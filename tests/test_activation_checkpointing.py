@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CL_DATA, tiny_llama_config
+from tests.support import CL_DATA, tiny_llama_config
 from mora_dist.activation_checkpointing import checkpointed_blocks, enable_activation_checkpointing
 from mora_dist.memprobe import saved_tensor_bytes
 from mora_dist.mora import MoRAConfig, add_block, adapter_state_dict, inject_mora, trainable_parameters
@@ -88,8 +88,7 @@ def test_two_workers_zero2_and_zero3_match_one_process_without_it(tiny_model_dir
     """The orchestrator with checkpointing under 2-worker ZeRO-2 and ZeRO-3 (torchrun, gloo) gives the per-step
     losses, gradient norms and adapter of a one-process run without it (dropout off: its masks depend on how
     examples are spread); the training curves have one line per step on every path."""
-    from test_orchestrator import write_config
-    from test_orchestrator_distributed import run_cli
+    from tests.support.runs import run_cli, write_config
 
     results = {}
     for name, launcher, stage, ckpt in [("single", "single", 0, "false"), ("zero2", "torchrun", 2, "true"),

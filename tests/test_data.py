@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import CL_DATA
+from tests.support import CL_DATA
 from mora_dist.config import ConfigError, TaskConfig
 from mora_dist.data import DataError, encode_examples, load_task_examples
 from mora_dist.data.tokenize import IGNORE

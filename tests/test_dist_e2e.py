@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_llama_config
+from tests.support import REPO, tiny_llama_config
 from mora_dist.distributed.env import free_port
 
 SELFTEST = "mora_dist.distributed.selftest"

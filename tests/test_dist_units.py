@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_llama_config
+from tests.support import REPO, tiny_llama_config
 from mora_dist.config import ConfigError, DistributedConfig, PruneConfig, TrainConfig
 from mora_dist.distributed import env as E
 from mora_dist.distributed import launch_cmd as L

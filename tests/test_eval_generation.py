@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import CL_DATA
+from tests.support import CL_DATA
 
 FILES = ["FOMC", "NumGLUE-ds", "agnews", "ScienceQA", "Py150", "C-STANCE"]
 
@@ -61,12 +61,11 @@ def test_evaluate_task_scores_predictions(tiny_llama):
     """evaluate_task scores exactly what it generated, with the task's default metric."""
     from mora_dist.evaluation import metrics as M
     from mora_dist.evaluation.generation import evaluate_task
-    from tests.test_eval_distributed import tiny_tokenizer
 
     import torch
     from transformers import LlamaForCausalLM
 
-    from tests.conftest import tiny_llama_config
+    from tests.support import tiny_llama_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -89,8 +88,7 @@ def test_live_lm_generate_until_cuts_at_stop_strings():
 
     from mora_dist.evaluation.generation import generate_texts
     from mora_dist.evaluation.lm_eval_adapter import LiveLM
-    from tests.conftest import tiny_llama_config
-    from tests.test_eval_distributed import tiny_tokenizer
+    from tests.support import tiny_llama_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)

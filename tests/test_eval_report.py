@@ -116,8 +116,7 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     from mora_dist.evaluation.generation import evaluate_task
     from mora_dist.evaluation.results import write_stage_results
     from mora_dist.evaluation.suite import run_general_suite
-    from tests.conftest import tiny_llama_config
-    from tests.test_eval_distributed import tiny_tokenizer
+    from tests.support import tiny_llama_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)

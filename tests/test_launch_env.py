@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.support import REPO
 from mora_dist.distributed import launch_cmd as L
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import CL_DATA, REPO
+from tests.support import CL_DATA, REPO
 from mora_dist import methods
 from mora_dist.config import ConfigError, MoELoRAConfig, OLoRAConfig, RunConfig, load_config
 from mora_dist.mora import (
@@ -243,7 +243,7 @@ def _compare(config, *args, fault=None):
 
 @pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, tmp_path):
-    from test_orchestrator import write_config
+    from tests.support.runs import write_config
 
     cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "run")
     killed = _compare(cfg, "--methods", "mora,seq_lora", fault="train_step:FOMC#3")
@@ -314,7 +314,7 @@ def test_spread_over_seeds_and_seed_parsing():
 
 @pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_dir, tmp_path, capsys):
-    from test_orchestrator import write_config
+    from tests.support.runs import write_config
 
     from mora_dist.cli import main
 
@@ -356,7 +356,7 @@ def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_d
 
 @pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 def test_olora_and_moe_lora_run_the_stream(tiny_model_dir, tmp_path):
-    from test_orchestrator import write_config
+    from tests.support.runs import write_config
 
     from mora_dist.compare import run_compare
 

@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import CL_DATA
-from test_orchestrator import write_config
-from test_orchestrator_distributed import outcome, run_cli
+from tests.support import CL_DATA
+from tests.support.runs import outcome, run_cli, write_config
 
 pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 

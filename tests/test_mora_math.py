@@ -1,4 +1,5 @@
-"""The MoRA layer against an independent float64 re-derivation of DESIGN §1, forward and backward."""
+"""The MoRA layer against an independent float64 re-derivation of DESIGN §1, forward and backward, and on a CUDA
+device (``gpu`` marker, skipped cleanly without CUDA)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from mora_dist.mora import MoRALinear
 from mora_dist.mora.gate import mora_gate
-from reference import mora_reference
+from tests.support.reference import mora_reference
 
 D_IN, D_OUT = 24, 20
 BLOCKS = [("t0", 4, 2.0), ("t1", 6, 0.5), ("t2", 5, 1.25)]  # different sizes and scales
@@ -270,3 +271,30 @@ def test_removal_ladder_equals_the_pruned_banks(k, delta, gated):
         assert float(sums[j]) == pytest.approx(float(((pruned - full) ** 2).sum()), rel=1e-10)
     changes = relative_changes(sums.tolist())
     assert changes[0] == 0.0 and all(c > 0 for c in changes[1:])  # every removal changes the output
+
+
+# GPU checks (skipped cleanly without CUDA): the layer on a CUDA device in bf16 and fp32.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_layer_on_cuda_matches_float64_reference(dtype, tol):
+    layer = make_layer(k=4, tau=0.1, delta=None)
+    x = torch.randn(64, layer.in_features, dtype=torch.float64)
+    ref = reference_for(layer, x, delta_applies=False)
+    gpu = layer.to(device="cuda", dtype=dtype)
+    y = gpu(x.to(device="cuda", dtype=dtype)).double().cpu().detach().numpy()
+    close = (abs(y - ref).max(-1) <= tol * abs(ref).max()).mean()
+    assert close >= 0.9  # top-k may flip on near-ties in low precision
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_backward_on_cuda_reaches_only_the_active_block():
+    layer = make_layer(k=3, tau=0.1, delta=None).to("cuda", torch.bfloat16)
+    layer.train()
+    layer(torch.randn(8, layer.in_features, device="cuda", dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    assert layer.mora_A.grad is not None and layer.mora_A.grad.abs().sum() > 0
+    assert layer.mora_A_frozen.grad is None and layer.num_experts == R

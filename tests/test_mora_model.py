@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama_config
+from tests.support import tiny_llama_config
 from mora_dist.mora import (
     MoRAConfig, add_block, adapter_state_dict, freeze_blocks, inject_mora, load_adapter, mora_layers,
     save_adapter, trainable_parameters,

@@ -14,9 +14,9 @@ import shutil
 
 import pytest
 
-from conftest import CL_DATA
-from multinode_hosts import HOSTS, netns_hosts  # noqa: F401  (a fixture)
-from tiny_stream import assert_same_outcome, outcome, write_stream_config
+from tests.support import CL_DATA
+from tests.support.multinode_hosts import HOSTS, netns_hosts  # noqa: F401  (a fixture)
+from tests.support.tiny_stream import assert_same_outcome, outcome, write_stream_config
 
 pytestmark = [pytest.mark.multinode,
               pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")]

@@ -12,36 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from conftest import CL_DATA, REPO
 from mora_dist.config import load_config
 from mora_dist.run.curves import read_metrics
 from mora_dist.run.orchestrator import EXIT_INTERRUPTED, Limits, Orchestrator
 from mora_dist.run.state import RunLock, RunStateError, all_stages
+from tests.support import CL_DATA, REPO
+from tests.support.runs import write_config
 
 pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 TASKS = ["FOMC", "NumGLUE-cm"]
-
-
-def write_config(tmp_path: Path, model_dir: Path, run_dir: Path, data_root: Path = CL_DATA, **extra) -> Path:
-    cfg = {
-        "run_dir": str(run_dir),
-        "model": {"name": str(model_dir), "max_length": 96},
-        "mora": {"r_task": 4, "k": 4},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "max_examples": 16, "checkpoint_every": 2,
-                  "lr": 5e-3},
-        "prune": {"max_examples": 8, "max_output_change": 0.05},
-        "eval": {"max_examples": 4, "batch_size": 4},
-        "data": {"root": str(data_root)},
-        "tasks": [{"name": "FOMC", "max_new_tokens": 3}, {"name": "NumGLUE-cm", "max_new_tokens": 4}],
-    }
-    for key, value in extra.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def cli(config: Path, *args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,44 +4,14 @@ against a 1-process run with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import CL_DATA, REPO
-from test_orchestrator import write_config
+from tests.support import CL_DATA
+from tests.support.runs import outcome, run_cli, write_config
 
 pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
-
-
-def run_cli(cfg, launcher: str, *overrides) -> subprocess.CompletedProcess:
-    """``mora-dist run`` in one process, or with 2 workers through one of the launch/ scripts."""
-    from mora_dist.distributed.env import free_port
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MORA_DIST_FAULT"):
-        env.pop(var, None)
-    args = ["run", str(cfg), *overrides]
-    cmd = {
-        "single": [sys.executable, "-m", "mora_dist", *args],
-        "torchrun": ["bash", "launch/torchrun.sh", "--nproc", "2", "--master-port", env["MASTER_PORT"], "--", *args],
-        "deepspeed": ["bash", "launch/deepspeed.sh", "--gpus", "2", "--master-port", env["MASTER_PORT"], "--", *args],
-        "mpirun": ["bash", "launch/mpirun.sh", "-n", "2", "--", *args],
-    }[launcher]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def outcome(run_dir):
-    done = {d["stage"]: d for d in json.loads((run_dir / "state.json").read_text())["done"]}
-    losses = [done[f"{k}/train"]["info"]["final_loss"] for k in ("00-FOMC", "01-NumGLUE-cm")]
-    return losses, load_file(str(run_dir / "adapters" / "01-NumGLUE-cm" / "adapter.safetensors"))
 
 
 def test_every_launcher_runs_the_stream_and_matches_one_process(tiny_model_dir, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.support import REPO
 
 
 def test_wheel_install_runs_a_packaged_general_task(tmp_path, tiny_model_dir):

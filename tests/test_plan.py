@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, tiny_llama_config
+from tests.support import REPO, tiny_llama_config
 from mora_dist.cli import main
 from mora_dist.config import RunConfig, TaskConfig, load_config
 from mora_dist.memprobe import parameter_bytes, saved_tensor_bytes

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import CL_DATA
+from tests.support import CL_DATA
 from mora_dist.config import TaskConfig
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.inference import generate

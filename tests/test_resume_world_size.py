@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from conftest import CL_DATA
+from tests.support import CL_DATA
 from mora_dist.distributed.env import free_port
 from mora_dist.run import portable
-from tiny_stream import assert_same_outcome, outcome, run_cmd, run_env, write_stream_config
+from tests.support.tiny_stream import assert_same_outcome, outcome, run_cmd, run_env, write_stream_config
 
 pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 TIMEOUT = 300

@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import CL_DATA, REPO
+from tests.support import CL_DATA, REPO
 
 pytestmark = pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 

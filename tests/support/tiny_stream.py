@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import CL_DATA, REPO
+from tests.support import CL_DATA, REPO
 
 TASKS = ("FOMC", "NumGLUE-cm")
 # ZeRO's tolerance against one process (partitioned reductions sum in another order)

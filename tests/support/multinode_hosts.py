@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from tiny_stream import run_cmd, run_env
+from tests.support import REPO
+from tests.support.tiny_stream import run_cmd, run_env
 
 SCRIPT = REPO / "launch" / "netns_hosts.sh"
 HOSTS = ("mora-node1", "mora-node2")
