@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.support import CL_DATA, tiny_llama_config
+from tests.support import tiny_llama_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -70,19 +70,3 @@ def tiny_model_dir(tmp_path_factory):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     model.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_stream_reference(tiny_model_dir, tmp_path_factory):
-    """What one process makes of the tiny stream of ``tiny_stream.py`` (the yardstick of multi-worker runs)."""
-    import sys
-
-    from tests.support.tiny_stream import outcome, run_cmd, run_env, write_stream_config
-
-    if not (CL_DATA / "FOMC").is_dir():
-        pytest.skip(f"real data missing: {CL_DATA}")
-    root = tmp_path_factory.mktemp("tiny_stream_single")
-    cfg = write_stream_config(root / "run.yaml", tiny_model_dir, root / "run", zero_stage=0)
-    proc = run_cmd([sys.executable, "-m", "mora_dist", "run", str(cfg)], run_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return outcome(root / "run")

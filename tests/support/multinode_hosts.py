@@ -1,9 +1,10 @@
-"""Two real hosts on one machine for multi-node tests: ``launch/netns_hosts.sh`` behind a pytest fixture.
+"""Two real hosts on one machine for multi-node tests: ``launch/netns_hosts.sh`` and a handle on its hosts.
 
-The fixture creates the hosts once per module (two network namespaces joined by a veth pair, ``mora-node1`` =
-10.213.0.1 and ``mora-node2`` = 10.213.0.2, interface ``mora0`` on both, sshd on each) and removes them, with
-every process still running there, when the module ends, whether its tests passed or not. Where hosts cannot be
-made (not root, no ``ip``, no sshd: run ``launch/system_deps.sh``) the tests that use it skip with the reason.
+The fixture ``netns_hosts`` (in ``tests/e2e/conftest.py``) creates the hosts once per module (two network
+namespaces joined by a veth pair, ``mora-node1`` = 10.213.0.1 and ``mora-node2`` = 10.213.0.2, interface ``mora0``
+on both, sshd on each) and removes them, with every process still running there, when the module ends, whether its
+tests passed or not. Where hosts cannot be made (not root, no ``ip``, no sshd: run ``launch/system_deps.sh``) the
+tests that use it skip with the reason.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from tests.support import REPO
 from tests.support.tiny_stream import run_cmd, run_env
@@ -53,21 +52,3 @@ class Hosts:
     def run(self, node: int, cmd: list[str], env: dict[str, str] | None = None,
                 timeout: float = 300) -> subprocess.CompletedProcess:
         return run_cmd(self.command(node, cmd), env or node_env(), timeout)
-
-
-@pytest.fixture(scope="module")
-def netns_hosts(tmp_path_factory):
-    """Two hosts for this module's tests, torn down (processes included) at its end even after failures."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"two network-namespace hosts cannot be created here: {reason}")
-    state = tmp_path_factory.mktemp("netns_hosts")
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], capture_output=True, text=True, timeout=120,
-                        stdin=subprocess.DEVNULL)
-    try:
-        assert up.returncode == 0, f"netns_hosts.sh up failed:\n{up.stdout}\n{up.stderr}"
-        yield Hosts(state)
-    finally:
-        down = subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, text=True,
-                              timeout=120)
-        assert down.returncode == 0, f"netns_hosts.sh down failed:\n{down.stdout}\n{down.stderr}"

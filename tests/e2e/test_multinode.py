@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from tests.support import CL_DATA
-from tests.support.multinode_hosts import HOSTS, netns_hosts  # noqa: F401  (a fixture)
+from tests.support.multinode_hosts import HOSTS
 from tests.support.tiny_stream import assert_same_outcome, outcome, write_stream_config
 
 pytestmark = [pytest.mark.multinode,
@@ -31,8 +31,7 @@ def check_two_hosts(log: str, run_dir, name: str) -> None:
     assert json.loads((run_dir / "version.json").read_text())["world_size"] == 2
 
 
-def test_deepspeed_launcher_with_a_hostfile(netns_hosts, tiny_stream_reference, tiny_model_dir,  # noqa: F811
-                                            tmp_path):
+def test_deepspeed_launcher_with_a_hostfile(netns_hosts, tiny_stream_reference, tiny_model_dir, tmp_path):
     if shutil.which("pdsh") is None:
         pytest.skip("pdsh is not installed (launch/system_deps.sh installs it); the deepspeed launcher needs it")
     hostfile = tmp_path / "hostfile"
@@ -47,8 +46,7 @@ def test_deepspeed_launcher_with_a_hostfile(netns_hosts, tiny_stream_reference, 
     assert_same_outcome(outcome(tmp_path / "run"), tiny_stream_reference, "deepspeed launcher, ZeRO-3")
 
 
-def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, tiny_stream_reference,  # noqa: F811
-                                                    tiny_model_dir, tmp_path):
+def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, tiny_stream_reference, tiny_model_dir, tmp_path):
     cfg = write_stream_config(tmp_path / "tr.yaml", tiny_model_dir, tmp_path / "run", zero_stage=2)
     cmd = ["bash", "launch/torchrun.sh", "--nproc", "1", "--nnodes", "2", "--master-addr", HOSTS[0],
            "--master-port", "29411", "--", "run", str(cfg)]
@@ -66,7 +64,7 @@ def test_torchrun_on_each_host_with_c10d_rendezvous(netns_hosts, tiny_stream_ref
     assert_same_outcome(outcome(tmp_path / "run"), tiny_stream_reference, "torchrun, ZeRO-2")
 
 
-def test_mpiexec_with_two_hosts(netns_hosts, tiny_stream_reference, tiny_model_dir, tmp_path):  # noqa: F811
+def test_mpiexec_with_two_hosts(netns_hosts, tiny_stream_reference, tiny_model_dir, tmp_path):
     cfg = write_stream_config(tmp_path / "mpi.yaml", tiny_model_dir, tmp_path / "run", zero_stage=3)
     proc = netns_hosts.run(1, ["bash", "launch/mpirun.sh", "-n", "2", "--hosts", ",".join(HOSTS), "--",
                                "run", str(cfg)], timeout=TIMEOUT)
