@@ -22,7 +22,7 @@ from mora_dist.mora import (
     MoRAConfig, MoRALinear, add_block, adapter_state_dict, freeze_blocks, inject_mora, load_adapter, mora_layers,
     save_adapter, trainable_parameters,
 )
-from mora_dist.mora.model import unfreeze_last_block
+from mora_dist.mora.inject import unfreeze_last_block
 
 
 # ------------------------------------------------------------------------------------------------- O-LoRA

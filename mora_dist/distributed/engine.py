@@ -222,7 +222,7 @@ def grow(model: nn.Module, name: str, config=None, seed: int | None = None) -> N
 
 def unfreeze_last(model: nn.Module) -> None:
     """Start a task on the last block again instead of a new one (seq_lora; ZeRO-3 aware)."""
-    from mora_dist.mora.model import unfreeze_last_block
+    from mora_dist.mora.inject import unfreeze_last_block
 
     with bank_gathered(model):
         unfreeze_last_block(model)

@@ -2,7 +2,7 @@
 
 from mora_dist.mora.config import MoRAConfig
 from mora_dist.mora.layer import MoRALinear
-from mora_dist.mora.model import (
+from mora_dist.mora.inject import (
     ADAPTER_PREFIX,
     add_block,
     adapter_state_dict,

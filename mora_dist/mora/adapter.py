@@ -31,7 +31,7 @@ from torch import nn
 
 from mora_dist.faults import fault_point
 from mora_dist.mora.config import MoRAConfig
-from mora_dist.mora.model import adapter_state_dict, inject_mora, mora_layers
+from mora_dist.mora.inject import adapter_state_dict, inject_mora, mora_layers
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"

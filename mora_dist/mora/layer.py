@@ -1,6 +1,6 @@
 """``MoRALinear``: a frozen linear layer plus a bank of rank-1 LoRA experts, grown one block per task.
 
-Parameters (all names start with ``mora_``, see ``mora_dist.mora.model.ADAPTER_PREFIX``):
+Parameters (all names start with ``mora_``, see ``mora_dist.mora.inject.ADAPTER_PREFIX``):
 
 * ``mora_A_frozen`` (R_f × d_in), ``mora_B_frozen`` (d_out × R_f): the experts of all earlier, frozen blocks,
   concatenated in block order; ``requires_grad=False``.

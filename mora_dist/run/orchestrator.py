@@ -131,7 +131,7 @@ class Orchestrator:
     def _load(self) -> None:
         if self.model is not None:
             return
-        from mora_dist.models import load_model, load_tokenizer
+        from mora_dist.base_model import load_model, load_tokenizer
         from mora_dist.mora import inject_mora
 
         m = self.cfg.model
@@ -439,7 +439,7 @@ class Orchestrator:
         """Rank 0 reads and checks every split the stream will use before any stage runs (fail fast)."""
         from mora_dist.data import DataError
         from mora_dist.data.check import check_stream_data
-        from mora_dist.models import ModelSourceError, load_tokenizer
+        from mora_dist.base_model import ModelSourceError, load_tokenizer
 
         def loader():
             m = self.cfg.model
