@@ -13,9 +13,9 @@ One task, in order (every call on every rank; S = mora_dist.distributed.stats)::
     losses = train_task(engine, my_micro_batches)          # per-step losses, averaged over ranks
     stats = S.collect_statistics(engine, my_stat_batches, min_keep=run_cfg.prune.min_keep)  # eval forwards,
                                                            # removal ladder, ONE all-reduce
-    decision = S.decide_pruning(stats, model, run_cfg.prune)
+    decision = decide_pruning(stats, model, run_cfg.prune)  # mora_dist.mora.pruning
     S.check_decision_agrees(decision)                      # hash compared across ranks
-    S.write_statistics(run_dir, task_name, stats, decision)    # rank 0, atomic
+    atomic_write_json(stats_path, S.statistics_record(stats, decision, task_name))  # rank 0: stats/NN-TASK.json
     destroy_engine(engine)
     prune(model, decision); freeze(model)                  # ZeRO-3 aware
     save_adapter_distributed(model, run_dir / "adapter")   # gathered on all ranks, rank 0 writes atomically
@@ -235,8 +235,8 @@ def freeze(model: nn.Module) -> None:
 
 
 def prune(model: nn.Module, decision: dict) -> None:
-    """Remove the experts named by a pruning decision (``stats.decide_pruning``) from the bank (ZeRO-3 aware)."""
-    from mora_dist.distributed.stats import apply_pruning
+    """Remove the experts named by a pruning decision (``mora.pruning.decide_pruning``) from the bank (ZeRO-3 aware)."""
+    from mora_dist.mora.pruning import apply_pruning
 
     with bank_gathered(model):
         apply_pruning(model, decision)

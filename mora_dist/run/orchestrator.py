@@ -295,8 +295,8 @@ class Orchestrator:
         return reason
 
     def stage_stats(self, index: int) -> dict:
-        from mora_dist.distributed.stats import check_decision_agrees, collect_statistics, decide_pruning, \
-            statistics_record
+        from mora_dist.distributed.stats import check_decision_agrees, collect_statistics, statistics_record
+        from mora_dist.mora.pruning import decide_pruning
 
         name = self.tasks[index]
         encoded, _ = self._train_examples(index)

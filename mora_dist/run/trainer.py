@@ -145,7 +145,7 @@ class LocalTrainer:
         self.opt = None
 
     def prune(self, decision: dict) -> None:
-        from mora_dist.distributed.stats import apply_pruning
+        from mora_dist.mora.pruning import apply_pruning
 
         apply_pruning(self.model, decision)
 
