@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mora_dist.faults import fault_point
-from mora_dist.mora.config import MoRAConfig
+from mora_dist.mora.config import MoRAConfig, MoRAConfigError
 from mora_dist.mora.inject import adapter_state_dict, inject_mora, mora_layers
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -119,7 +119,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 # Gate settings that change what a trained bank computes; the first four may differ by request (``gate_from``).
 TUNABLE_GATE = ("k", "tau", "delta", "delta_mode", "eps")
-STRUCTURAL_GATE = ("gated", "gate", "router_top_k")
+STRUCTURAL_GATE = ("gate", "router_top_k")
 GATE_FROM = ("same", "adapter", "model")
 
 
@@ -167,7 +167,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last:
             gate settings differ from the model's and ``gate_from`` does not say which win.
     """
     state, desc = read_adapter(directory)
-    config = _gate_config(model, MoRAConfig.from_dict(desc["mora"]), directory, gate_from)
+    try:
+        saved = MoRAConfig.from_dict(desc["mora"])  # also adapters saved with the former gated + gate pair
+    except MoRAConfigError as err:
+        raise AdapterError(f"{Path(directory) / CONFIG_NAME}: field 'mora': {err}") from err
+    config = _gate_config(model, saved, directory, gate_from)
     if not mora_layers(model):
         inject_mora(model, config)
     layers = mora_layers(model)
