@@ -258,13 +258,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only (other ranks stay quiet)."""
-    if is_main():
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
