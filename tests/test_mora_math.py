@@ -1,4 +1,5 @@
-"""The MoRA layer against an independent float64 re-derivation of DESIGN §1, forward and backward."""
+"""The MoRA layer against an independent float64 re-derivation of the method (docs/design.md, The method),
+forward and backward."""
 
 from __future__ import annotations
 

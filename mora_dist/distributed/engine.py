@@ -22,7 +22,8 @@ One task, in order (every call on every rank; S = mora_dist.distributed.stats)::
     ev = build_inference_engine(model, run_cfg)            # evaluation forwards (ZeRO-3 needs the hooks) ...
     destroy_engine(ev)                                     # ... and gone before the next grow
 
-The trainable set changes at every task boundary, so each task gets a fresh engine and optimizer (DESIGN §3).
+The trainable set changes at every task boundary, so each task gets a fresh engine and optimizer (docs/design.md,
+Distribution).
 Under ZeRO-3 the bank is changed on full tensors gathered on every rank; the new parameters are plain tensors
 until the next ``deepspeed.initialize`` partitions them (rank 0's values are broadcast then). The ds_config an
 engine was built with is ``engine.mora_ds_config`` (write it into the run directory).
