@@ -290,7 +290,7 @@ class MoRALinear(nn.Module):
                 raise ValueError(f"gate 'router' needs router rows of shape ({len(names)}, {self.in_features}), "
                                  f"got {got}")
         elif router is not None:
-            raise ValueError("router rows given to a layer whose gate is 'self' (load it with gate 'router')")
+            raise ValueError(f"router rows given to a layer whose gate is {self.gate!r} (load it with gate 'router')")
         total = sum(sizes)
         if A.shape != (total, self.in_features) or B.shape != (self.out_features, total):
             raise ValueError(
