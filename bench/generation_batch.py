@@ -54,7 +54,7 @@ def main() -> dict:
         torch.set_num_threads(args.threads)
 
     from mora_dist.evaluation.generation import task_max_new_tokens
-    from mora_dist.models import load_model, load_tokenizer
+    from mora_dist.base_model import load_model, load_tokenizer
 
     examples = {}
     for task in ("FOMC", "NumGLUE-ds"):

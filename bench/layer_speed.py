@@ -32,7 +32,7 @@ SHAPES = {
     # SmolLM2-135M: hidden 576, 30 layers, 9 heads (3 kv), MLP 1536, vocab 49152
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, head_dim=64, tie_word_embeddings=True),
-    # TinyLlama-1.1B shape (DESIGN §7 reference timings)
+    # TinyLlama-1.1B shape: the GPU setting (--shape llama-1.1b --device cuda)
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
 }

@@ -58,7 +58,7 @@ def main() -> None:
     from mora_dist.config import load_config
     from mora_dist.data.grouping import padding_fraction
     from mora_dist.data.tokenize import collate
-    from mora_dist.models import load_model, load_tokenizer
+    from mora_dist.base_model import load_model, load_tokenizer
     from mora_dist.mora import add_block, inject_mora, trainable_parameters
 
     cfg = load_config(args.config, ["model.name=smollm2-135m-instruct", "train.max_examples=null"])

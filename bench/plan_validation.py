@@ -91,7 +91,7 @@ def worker(args) -> None:
 
     from mora_dist.distributed.env import init_distributed, shutdown
     from mora_dist.memprobe import parameter_bytes
-    from mora_dist.models import load_model
+    from mora_dist.base_model import load_model
     from mora_dist.mora import add_block, inject_mora, is_adapter_parameter, trainable_parameters
 
     rank, world, _ = init_distributed()
@@ -199,7 +199,7 @@ def main() -> None:
     # ZeRO-3 builds the model inside zero.Init from a Hugging Face folder: the GGUF loader fails there (transformers
     # initialises the embedding's padding row on an empty partition), so SmolLM2's weights are exported once.
     folder = Path(tempfile.mkdtemp(prefix="smollm2-hf-"))
-    from mora_dist.models import load_model, load_tokenizer
+    from mora_dist.base_model import load_model, load_tokenizer
 
     load_model(MODEL).save_pretrained(folder)
     load_tokenizer(MODEL).save_pretrained(folder)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from mora_dist.distributed import stats as S  # noqa: E402
 from mora_dist.mora import mora_layers  # noqa: E402
+from mora_dist.mora import pruning as P  # noqa: E402
 
 
 def threshold_decision(stats: dict, prune_cfg, min_usage: float, min_mass_share: float) -> dict:
@@ -54,7 +55,7 @@ def threshold_decision(stats: dict, prune_cfg, min_usage: float, min_mass_share:
     decision = {"block": len(first["block_sizes"]) - 1, "block_name": first["block_names"][-1],
                 "rule": {"thresholds": [min_usage, min_mass_share], "min_keep": prune_cfg.min_keep},
                 "layers": layers_out}
-    decision["hash"] = S.decision_hash(decision)
+    decision["hash"] = P.decision_hash(decision)
     return decision
 
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     args, overrides = p.parse_known_args(argv)
     tasks: list[dict] = []
     seen: dict = {}
-    real_collect, real_decide = S.collect_statistics, S.decide_pruning
+    real_collect, real_decide = S.collect_statistics, P.decide_pruning
 
     def collect(model, batches, **kw):
         seen["model"], seen["batches"] = getattr(model, "module", model), list(batches)
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
               f"max {100 * t['change_pruned_layers']['max']:.2f} %", flush=True)
         return decision
 
-    S.collect_statistics, S.decide_pruning = collect, decide
+    S.collect_statistics, P.decide_pruning = collect, decide
     from mora_dist.cli import main as cli_main
 
     rc = cli_main(["run", args.config, *overrides])

@@ -28,7 +28,7 @@ def _cmd_validate(args) -> int:
         return 0
     loader = None
     if not args.no_tokenizer:
-        from mora_dist.models import load_tokenizer
+        from mora_dist.base_model import load_tokenizer
 
         def loader():
             return load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from mora_dist.config import ConfigError
     from mora_dist.data import DataError
-    from mora_dist.models import ModelSourceError
+    from mora_dist.base_model import ModelSourceError
     from mora_dist.mora.adapter import AdapterError
     from mora_dist.mora.config import MoRAConfigError
     from mora_dist.distributed.env import DistributedEnvError

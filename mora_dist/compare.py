@@ -16,7 +16,8 @@ after a crash and finished runs are skipped. Then one comparison is written to `
 * ``compare.md``: the same as tables;
 * ``compare.png``: final score per task per method, and AP / BWT per method.
 
-Besides the four methods, ``mora_noprune`` runs ``mora`` with ``prune.enabled=false``.
+Besides the four methods, the variants of ``mora_dist.methods.VARIANTS`` run (``mora_noprune``: ``mora`` with
+``prune.enabled=false``).
 
 Parameter counts come from the last adapter's ``adapter.json`` (per layer d_in, d_out, block sizes):
 ``trainable_params_per_task`` is what one task trains (a block of ``r_task`` experts, plus its router row for
@@ -36,13 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from mora_dist.compare_render import fmt, render_figure, render_markdown
-from mora_dist.config import METHODS, ConfigError, RunConfig, load_config
+from mora_dist.config import ConfigError, RunConfig, load_config
 from mora_dist.evaluation.bootstrap import BootstrapSettings, paired_intervals
 from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, METRIC_NAMES
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
-
-VARIANTS = {m: (m, []) for m in METHODS}
-VARIANTS["mora_noprune"] = ("mora", ["prune.enabled=false"])
+from mora_dist.methods import VARIANTS
+from mora_dist.mora.config import MoRAConfig
 METRICS = METRIC_NAMES  # AP, BWT, BWT_trace, FWT, forgetting, LA
 
 
@@ -123,9 +123,9 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
 # ---------------------------------------------------------------------------------------------- collecting
 def parameter_counts(adapter_json: dict) -> dict:
     """Trainable parameters per task, parameters of the final bank, and active parameters per token."""
-    mora = adapter_json["mora"]
+    mora = MoRAConfig.upgrade_legacy(adapter_json["mora"])  # also adapters saved with gated + gate
     router = mora.get("gate", "self") == "router"
-    gated = mora.get("gated", True)
+    gated = mora.get("gate", "self") != "none"
     per_task = total = active = 0
     for layer in adapter_json["layers"].values():
         d_in, d_out, sizes = layer["in_features"], layer["out_features"], layer["block_sizes"]
@@ -181,7 +181,7 @@ def collect_run(run_dir: Path) -> dict:
                     "train_steps": {t: train.get(t, {}).get("steps") for t in tasks},
                     "eval_examples": {t: (final_stage.get(t) or {}).get("n") for t in tasks},
                     "general_limit": cfg.eval.general_limit if cfg.eval.general else None},
-        "settings": {"r_task": cfg.mora.r_task, "k": cfg.mora.k, "gated": cfg.mora.gated, "gate": cfg.mora.gate,
+        "settings": {"r_task": cfg.mora.r_task, "k": cfg.mora.k, "gate": cfg.mora.gate,
                      "router_top_k": cfg.mora.router_top_k if cfg.method == "moe_lora" else None,
                      "olora": vars(cfg.olora) if cfg.method == "olora" else None,
                      "lr": cfg.train.lr, "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs},

@@ -125,10 +125,10 @@ def render_markdown(comp: dict) -> str:
                    f"{r['time_s']['total']:.1f}", "on" if r["prune_enabled"] else "off"] for m, r in runs.items()])
     out += ["", "## Settings", ""]
     out += table(["method", "gate", "r_task", "experts kept / token", "O-LoRA λ_orth / λ_l2", "lr", "steps / epochs"],
-                 [[m, ("router" if r["settings"]["gate"] == "router" else "self") if r["settings"]["gated"]
-                   else "none (LoRA)", r["settings"]["r_task"],
+                 [[m, "none (LoRA)" if r["settings"]["gate"] == "none" else r["settings"]["gate"],
+                   r["settings"]["r_task"],
                    (f"top-{r['settings']['router_top_k']} tasks" if r["settings"]["gate"] == "router" else
-                    (f"k={r['settings']['k']}" if r["settings"]["gated"] else "all")),
+                    (f"k={r['settings']['k']}" if r["settings"]["gate"] == "self" else "all")),
                    (f"{r['settings']['olora']['lambda_orth']} / {r['settings']['olora']['lambda_l2']}"
                     if r["settings"]["olora"] else "–"), r["settings"]["lr"],
                    r["settings"]["max_steps"] if r["settings"]["max_steps"] else r["settings"]["epochs"]]

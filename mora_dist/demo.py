@@ -14,7 +14,7 @@ from pathlib import Path
 from mora_dist.config import TaskConfig, expand_vars
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.inference import generate, load_for_inference
-from mora_dist.models import load_model, load_tokenizer
+from mora_dist.base_model import load_model, load_tokenizer
 from mora_dist.mora import MoRAConfig, add_block, freeze_blocks, inject_mora, mora_layers, save_adapter
 from mora_dist.training import mean_answer_loss, train_task_local
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from mora_dist.evaluation.generation import generate_texts
-from mora_dist.models import load_model, load_tokenizer
+from mora_dist.base_model import load_model, load_tokenizer
 from mora_dist.mora import load_adapter
 
 

@@ -1,15 +1,19 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then ``os.replace``.
+"""Atomic file and folder writes: a temporary file (or folder) beside the target, fsync, then ``os.replace``.
 
-A crash at any moment leaves either the old file or the new one, never a partial file.
+A crash at any moment leaves either the old file or the new one, never a partial file; for folders, either the
+old folder or the new one (``recover_dir`` finishes a replacement a crash interrupted).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from mora_dist.faults import fault_point
 
 
 def _json_default(obj: Any):
@@ -75,3 +79,47 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+
+
+def recover_dir(directory: str | os.PathLike) -> None:
+    """Finish an interrupted ``atomic_write_dir``: a crash between moving the old folder aside and moving the new
+    one in leaves only ``.NAME.old-PID``; put it back."""
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+    if olds:
+        os.replace(olds[-1], directory)
+
+
+def atomic_write_dir(directory: str | os.PathLike, fill: Callable[[Path], None], fault: str | None = None) -> Path:
+    """Write a folder atomically: ``fill(tmp)`` writes its files into a temporary folder beside ``directory``;
+    they are fsynced, then the folder replaces ``directory`` (if it exists) by two renames.
+
+    Args:
+        directory: the folder to write or replace.
+        fill: writes the folder's files into the folder it is given.
+        fault: name of the fault point passed once the files are written and not yet in place (crash tests,
+            ``mora_dist.faults``).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        fill(tmp)
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if fault:
+            fault_point(fault)
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

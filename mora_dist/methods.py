@@ -1,28 +1,109 @@
 """Continual-learning methods as settings of one rank bank and one orchestrator (``RunConfig.method``).
 
-| method     | bank per task                                  | gate                                  | extra loss  |
+| method     | bank per task                                  | gate (``mora.gate``)                  | extra loss  |
 | ---------- | ---------------------------------------------- | ------------------------------------- | ----------- |
-| `mora`     | a new block of ``r_task`` rank-1 experts       | self-activated top-k over experts     | none        |
-| `seq_lora` | one block, grown at the first task, trained    | none (plain LoRA of rank ``r_task``)  | none        |
+| `mora`     | a new block of ``r_task`` rank-1 experts       | ``self``: self-activated top-k        | none        |
+| `seq_lora` | one block, grown at the first task, trained    | ``none`` (plain LoRA of rank r_task)  | none        |
 |            | again on every later task                      |                                       |             |
-| `olora`    | a new block; earlier ones frozen               | none (plain LoRA of the whole bank)   | O-LoRA      |
-| `moe_lora` | a new block = one task expert; earlier frozen  | learned router over blocks, top-k     | none        |
+| `olora`    | a new block; earlier ones frozen               | ``none`` (plain LoRA of the bank)     | O-LoRA      |
+| `moe_lora` | a new block = one task expert; earlier frozen  | ``router``: learned, top-k blocks     | none        |
 
-The bank and gate settings a method implies are applied to the config when it is built
-(``RunConfig._apply_method``); this module holds what differs while a run goes: whether a task grows a block
+Everything method-specific lives here: the settings a method implies (``apply_method``, run when a
+``RunConfig`` is built), the baselines' own settings (``OLoRAConfig``, ``MoELoRAConfig``), the variants the
+comparison runs besides the methods (``VARIANTS``: ``mora_noprune``), whether a task grows a block
 (``grows_block``), the loss added to the task loss (``extra_loss``), and which world sizes a method supports
-(``check_world``). Pruning is off for every baseline.
+(``check_world``). Pruning is off for every baseline. The gates themselves are computed in ``mora_dist.mora.gate``.
 """
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from mora_dist.config import METHODS, ConfigError, RunConfig
-from mora_dist.mora import mora_layers
+from mora_dist.errors import ConfigError
+from mora_dist.mora.inject import mora_layers
 
-__all__ = ["METHODS", "check_world", "extra_loss", "grows_block", "l2_penalty", "orthogonality_penalty"]
+if TYPE_CHECKING:  # the run config is built on this module; it is only a type here
+    from mora_dist.config import RunConfig
+
+__all__ = ["METHODS", "VARIANTS", "MoELoRAConfig", "OLoRAConfig", "apply_method", "check_world", "extra_loss",
+           "grows_block", "l2_penalty", "orthogonality_penalty"]
+
+METHODS = ("mora", "seq_lora", "olora", "moe_lora")
+# what ``mora-dist compare --methods`` accepts: every method, and variants as (method, overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {m: (m, []) for m in METHODS}
+VARIANTS["mora_noprune"] = ("mora", ["prune.enabled=false"])
+
+
+@dataclass
+class OLoRAConfig:
+    """O-LoRA baseline (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual Learning").
+
+    Loss added at every optimizer step: ``lambda_orth · Σ_layers Σ |A_new A_oldᵀ|`` (the authors' code: the L1
+    norm of the products of the new block's keys with all frozen keys; the paper writes the squared entries)
+    plus ``lambda_l2 · Σ_layers (‖A_new‖_F + ‖B_new‖_F)`` (the code's ``torch.norm(p=2)`` of each new
+    parameter, not squared; the paper's objective has no such term).
+
+    Attributes:
+        lambda_orth: weight of the orthogonality penalty; the authors' scripts use 0.5.
+        lambda_l2: weight of the norm penalty on the new block; the authors' scripts use 0.
+    """
+
+    lambda_orth: float = 0.5
+    lambda_l2: float = 0.0
+
+    def __post_init__(self):
+        for key in ("lambda_orth", "lambda_l2"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"olora.{key}={value!r}: must be a number >= 0")
+
+
+@dataclass
+class MoELoRAConfig:
+    """MoE-LoRA baseline: one LoRA expert (a block of ``mora.r_task`` experts) per task with a learned router per
+    layer; earlier experts and their router rows are frozen.
+
+    Attributes:
+        top_k: tasks' experts kept per token, 1 or 2 (more is allowed); top-1 weights the kept expert by its
+            softmax probability over all experts (Switch Transformer), top-k >= 2 by a softmax over the kept.
+    """
+
+    top_k: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ConfigError(f"moe_lora.top_k={self.top_k!r}: must be an integer >= 1")
+
+
+def apply_method(cfg: RunConfig) -> None:
+    """Check ``cfg.method`` and set the bank and pruning settings it implies (in place).
+
+    ``mora`` keeps the config's gate (``self``, or ``none`` for ungated MoRA) but refuses the router; the
+    baselines turn pruning off and set the gate: ``none`` for seq_lora and olora, ``router`` with
+    ``router_top_k = moe_lora.top_k`` for moe_lora. The values set were checked where they came from.
+
+    Raises:
+        ConfigError: an unknown method (with a suggestion), or ``mora.gate: router`` with ``method: mora``.
+    """
+    if cfg.method not in METHODS:
+        close = difflib.get_close_matches(str(cfg.method), METHODS, n=1)
+        raise ConfigError(f"method={cfg.method!r} is invalid: choose one of {', '.join(METHODS)}"
+                          + (f" (did you mean {close[0]}?)" if close else ""))
+    if cfg.method == "mora":
+        if cfg.mora.gate == "router":
+            raise ConfigError(f"mora.gate={cfg.mora.gate!r} with method=mora: the router gate is the "
+                              "MoE-LoRA baseline; set method: moe_lora (and moe_lora.top_k) instead")
+        return
+    cfg.prune.enabled = False
+    if cfg.method in ("seq_lora", "olora"):
+        cfg.mora.gate = "none"
+    else:  # moe_lora
+        cfg.mora.gate, cfg.mora.router_top_k = "router", cfg.moe_lora.top_k
 
 
 def grows_block(cfg: RunConfig, index: int) -> bool:

@@ -97,7 +97,7 @@ def setting_of(cfg: RunConfig, world: int, seq_len: int | None = None, device: s
                    offload_optimizer=cfg.distributed.offload_optimizer and world > 1,
                    offload_params=cfg.distributed.offload_params and world > 1,
                    micro_batch=cfg.train.micro_batch_size, seq=int(seq_len or cfg.model.max_length), r=m.r_task,
-                   k=m.k, dropout=float(m.dropout), gated=m.gated, router=m.gate == "router",
+                   k=m.k, dropout=float(m.dropout), gated=m.gate != "none", router=m.gate == "router",
                    grows=cfg.method != "seq_lora", checkpointing=bool(getattr(cfg.train, "gradient_checkpointing",
                                                                               False)),
                    eval_batch=cfg.eval.batch_size, max_new_tokens=max(new_tokens), targets=targets, device=device)

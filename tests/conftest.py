@@ -30,7 +30,7 @@ def smollm2():
 
     Tests must not modify it in place; deep-copy it first.
     """
-    from mora_dist.models import ModelSourceError, load_model, load_tokenizer
+    from mora_dist.base_model import ModelSourceError, load_model, load_tokenizer
 
     try:
         tok = load_tokenizer("smollm2-135m-instruct")
@@ -55,7 +55,7 @@ def tiny_model_dir(tmp_path_factory):
     """A local Hugging Face folder: a tiny random Llama with SmolLM2's real tokenizer (for fast end-to-end runs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mora_dist.models import ModelSourceError, load_tokenizer
+    from mora_dist.base_model import ModelSourceError, load_tokenizer
 
     try:
         tok = load_tokenizer("smollm2-135m-instruct")

@@ -83,3 +83,27 @@ def test_shipped_configs_load_and_their_data_exists(path):
 
 def test_all_three_configs_are_shipped():
     assert {p.name for p in SHIPPED} >= {"quickstart.yaml", "trace.yaml", "standard_cl.yaml"}
+
+
+@pytest.mark.parametrize("text, gate", [("mora:\n  gated: false\n", "none"),
+                                        ("mora:\n  gated: true\n  gate: self\n", "self"),
+                                        ("method: moe_lora\nmora:\n  gated: true\n  gate: router\n", "router"),
+                                        ("method: seq_lora\nmora:\n  gated: true\n", "none")])
+def test_former_gated_key_maps_onto_the_one_gate(tmp_path, text, gate):
+    """Configs (and the resolved ``config.yaml`` of run directories) written with ``mora.gated`` still load."""
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.mora.gate == gate and "gated" not in cfg.to_dict()["mora"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("mora:\n  gated: false\n  gate: router\n", r"run\.yaml: mora\.gated=false contradicts mora\.gate='router': "
+                                                  r"remove mora\.gated and set mora\.gate: none"),
+    ("mora:\n  gated: true\n  gate: none\n", r"run\.yaml: mora\.gated=true contradicts mora\.gate='none'"),
+    ("mora:\n  gated: maybe\n", r"run\.yaml: mora\.gated='maybe' is invalid .*set mora\.gate to self, router or none"),
+    ("mora:\n  gate: topk\n", r"run\.yaml: mora\.gate='topk' is invalid: choose one of \('self', 'router', 'none'\)"),
+    ("mora:\n  gate: router\n", r"mora\.gate='router' with method=mora: .*set method: moe_lora"),
+])
+def test_gate_errors_name_the_file_the_field_and_the_fix(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+

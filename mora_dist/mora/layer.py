@@ -1,6 +1,6 @@
 """``MoRALinear``: a frozen linear layer plus a bank of rank-1 LoRA experts, grown one block per task.
 
-Parameters (all names start with ``mora_``, see ``mora_dist.mora.model.ADAPTER_PREFIX``):
+Parameters (all names start with ``mora_``, see ``mora_dist.mora.inject.ADAPTER_PREFIX``):
 
 * ``mora_A_frozen`` (R_f × d_in), ``mora_B_frozen`` (d_out × R_f): the experts of all earlier, frozen blocks,
   concatenated in block order; ``requires_grad=False``.
@@ -9,14 +9,10 @@ Parameters (all names start with ``mora_``, see ``mora_dist.mora.model.ADAPTER_P
 Either pair is ``None`` when empty. The forward concatenates both pairs once and treats all R experts in one
 vectorised pass; blocks differ only by their scale, held per expert in the buffer ``mora_scale``.
 
-Gate modes (``gate``): ``"self"`` is MoRA's self-activated gate over experts (``gate.py``); ``"router"`` is the
-MoE-LoRA baseline: a learned router with one row per block, ``mora_router_frozen`` (earlier blocks) and
-``mora_router`` (1 × d_in, the active block); per token ``l = W_router · x``, the ``router_top_k`` blocks with the
-largest logits are kept and weighted by a softmax over the kept logits (with ``router_top_k = 1`` and several
-blocks, by the kept block's softmax probability over all blocks, Switch-Transformer style, since a softmax over
-one kept logit is the constant 1 and would leave the router without gradient), and every expert of a block is
-weighted by its block's gate: ``y = W0 x + Σ_b g_b · scale_b · B_b A_b dropout(x)``. ``gated=False`` is plain
-LoRA whatever the mode.
+Gate modes (``gate``, computed in ``gate.py``): ``"self"`` is MoRA's self-activated gate over experts;
+``"router"`` is the MoE-LoRA baseline: a learned router with one row per block, ``mora_router_frozen`` (earlier
+blocks) and ``mora_router`` (1 × d_in, the active block), and every expert of a block is weighted by its block's
+gate: ``y = W0 x + Σ_b g_b · scale_b · B_b A_b dropout(x)``; ``"none"`` is plain LoRA of rank R (``w ≡ 1``).
 """
 
 from __future__ import annotations
@@ -28,23 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mora_dist.mora.config import GATE_MODES, GRAD_MODES
-from mora_dist.mora.gate import gate_weights, mora_gate
+from mora_dist.mora.gate import gate_weights, mora_gate, router_gate
 from mora_dist.mora.removal import removal_ladder, removal_order
-
-
-def router_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Block weights of the MoE-LoRA router for logits (..., n_blocks): top-k kept, softmax over the kept
-    logits; top-1 over several blocks keeps the softmax probability over all blocks (Switch Transformer)."""
-    nb = logits.shape[-1]
-    K = min(int(top_k), nb)
-    if K == nb:
-        return torch.softmax(logits, dim=-1)
-    if K == 1:
-        probs = torch.softmax(logits, dim=-1)
-        kept, idx = probs.max(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, idx, kept)
-    kept, idx = logits.topk(K, dim=-1, sorted=False)
-    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(kept, dim=-1))
 
 
 class MoRALinear(nn.Module):
@@ -52,12 +33,12 @@ class MoRALinear(nn.Module):
 
     Args:
         base_layer: the linear layer to adapt; it is frozen.
-        k, tau, delta, delta_mode, gated, eps, gate, router_top_k, grad: gate settings, see ``MoRAConfig``.
+        k, tau, delta, delta_mode, eps, gate, router_top_k, grad: gate settings, see ``MoRAConfig``.
         dropout: dropout probability on the input before the keys.
     """
 
     def __init__(self, base_layer: nn.Linear, *, k: int = 8, tau: float = 0.03, delta: float | None = 0.2,
-                 delta_mode: str = "inference", gated: bool = True, eps: float = 1e-12, dropout: float = 0.0,
+                 delta_mode: str = "inference", eps: float = 1e-12, dropout: float = 0.0,
                  gate: str = "self", router_top_k: int = 2, grad: str = "exact"):
         super().__init__()
         self.base_layer = base_layer
@@ -65,7 +46,7 @@ class MoRALinear(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated, eps=eps, gate=gate,
+        self.set_gate(k=k, tau=tau, delta=delta, delta_mode=delta_mode, eps=eps, gate=gate,
                       router_top_k=router_top_k, grad=grad)
         self.register_parameter("mora_A_frozen", None)
         self.register_parameter("mora_B_frozen", None)
@@ -82,18 +63,18 @@ class MoRALinear(nn.Module):
         self.stats_token_mask: torch.Tensor | None = None  # optional (batch, seq) mask of real tokens
 
     # ----------------------------------------------------------------------------------------------- settings
-    def set_gate(self, *, k: int, tau: float, delta: float | None, delta_mode: str, gated: bool,
-                 eps: float, gate: str = "self", router_top_k: int = 2, grad: str = "exact") -> None:
-        """Change the gate settings. The mode (``gate``) decides whether blocks carry router rows, so it can only
-        change while the bank is empty."""
+    def set_gate(self, *, k: int, tau: float, delta: float | None, delta_mode: str, eps: float,
+                 gate: str = "self", router_top_k: int = 2, grad: str = "exact") -> None:
+        """Change the gate settings. Whether blocks carry router rows (gate ``"router"``) can only change while
+        the bank is empty; ``"self"`` and ``"none"`` hold the same parameters and switch freely."""
         if gate not in GATE_MODES:
             raise ValueError(f"gate={gate!r}: choose one of {GATE_MODES}")
         if grad not in GRAD_MODES:
             raise ValueError(f"grad={grad!r}: choose one of {GRAD_MODES}")
-        if getattr(self, "gate", gate) != gate and self.block_sizes:
+        if (getattr(self, "gate", gate) == "router") != (gate == "router") and self.block_sizes:
             raise ValueError(f"cannot switch the gate from {self.gate!r} to {gate!r} on a layer with blocks")
         self.k, self.tau, self.delta, self.delta_mode = int(k), float(tau), delta, delta_mode
-        self.gated, self.eps = bool(gated), float(eps)
+        self.eps = float(eps)
         self.gate, self.router_top_k, self.grad = gate, int(router_top_k), grad
 
     @property
@@ -137,7 +118,7 @@ class MoRALinear(nn.Module):
         if self.mora_scale.dtype != torch.float32:  # a module-wide .to(dtype) cast the buffer: rebuild it exactly
             self._refresh_scale()
         scale = self.mora_scale.to(gate_dtype)
-        if not self.gated:
+        if self.gate == "none":
             return zg * scale
         delta = self.delta if self.delta_active() else None
         return mora_gate(zg, scale, self.k, self.tau, delta, self.eps, self.grad)
@@ -160,7 +141,7 @@ class MoRALinear(nn.Module):
             return y
         A, B = bank
         z = F.linear(self.mora_dropout(x).to(A.dtype), A)
-        if self.gated and self.gate == "router":
+        if self.gate == "router":
             w = self.router_weights(x)
             if self.stats is not None:
                 self.accumulate_stats(z.detach(), B.detach(), w.detach())
@@ -184,7 +165,7 @@ class MoRALinear(nn.Module):
                       "weight_sum": torch.zeros(R, dtype=torch.float64, device=device),
                       "mass": torch.zeros(R, dtype=torch.float64, device=device),
                       "tokens": torch.zeros(1, dtype=torch.float64, device=device)}
-        if ladder_min_keep is not None and self.gate == "self" and self.block_sizes:
+        if ladder_min_keep is not None and self.gate != "router" and self.block_sizes:
             rungs = max(0, self.block_sizes[-1] - int(ladder_min_keep))
             self.stats["ladder"] = torch.zeros(1 + rungs, dtype=torch.float64, device=device)
             self.stats["ladder_order"] = None
@@ -211,7 +192,7 @@ class MoRALinear(nn.Module):
             keep = mask.reshape(-1).to(z.device).bool()
             z = z[keep]
             w = w[keep] if w is not None else None
-        if w is None and self.gated:
+        if w is None and self.gate != "none":
             w = gate_weights(z, self.k, self.tau, self.delta if self.delta_active() else None, self.eps)
         elif w is None:
             w = torch.ones_like(z)
@@ -226,7 +207,7 @@ class MoRALinear(nn.Module):
             self.stats["ladder_order"] = order
             self.stats["ladder"] += removal_ladder(
                 z, B, self.mora_scale, start, order, self.stats["ladder"].numel() - 1, k=self.k, tau=self.tau,
-                delta=self.delta if self.delta_active() else None, eps=self.eps, gated=self.gated)
+                delta=self.delta if self.delta_active() else None, eps=self.eps, gated=self.gate != "none")
 
     # ------------------------------------------------------------------------------------------ bank changes
     def _refresh_scale(self) -> None:
@@ -309,7 +290,7 @@ class MoRALinear(nn.Module):
                 raise ValueError(f"gate 'router' needs router rows of shape ({len(names)}, {self.in_features}), "
                                  f"got {got}")
         elif router is not None:
-            raise ValueError("router rows given to a layer whose gate is 'self' (load it with gate 'router')")
+            raise ValueError(f"router rows given to a layer whose gate is {self.gate!r} (load it with gate 'router')")
         total = sum(sizes)
         if A.shape != (total, self.in_features) or B.shape != (self.out_features, total):
             raise ValueError(
@@ -364,5 +345,5 @@ class MoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
                 f"blocks={self.block_sizes}, k={self.k}, tau={self.tau}, delta={self.delta}"
-                f"({self.delta_mode}), gated={self.gated}, gate={self.gate}, grad={self.grad}"
+                f"({self.delta_mode}), gate={self.gate}, grad={self.grad}"
                 + (f"(top{self.router_top_k})" if self.gate == "router" else ""))

@@ -1,1 +1,2 @@
-"""The orchestrator: a run directory as a resumable state machine over a task stream (DESIGN §4)."""
+"""The orchestrator: a run directory as a resumable state machine over a task stream (docs/design.md,
+The run directory)."""

@@ -131,7 +131,7 @@ class Orchestrator:
     def _load(self) -> None:
         if self.model is not None:
             return
-        from mora_dist.models import load_model, load_tokenizer
+        from mora_dist.base_model import load_model, load_tokenizer
         from mora_dist.mora import inject_mora
 
         m = self.cfg.model
@@ -295,8 +295,8 @@ class Orchestrator:
         return reason
 
     def stage_stats(self, index: int) -> dict:
-        from mora_dist.distributed.stats import check_decision_agrees, collect_statistics, decide_pruning, \
-            statistics_record
+        from mora_dist.distributed.stats import check_decision_agrees, collect_statistics, statistics_record
+        from mora_dist.mora.pruning import decide_pruning
 
         name = self.tasks[index]
         encoded, _ = self._train_examples(index)
@@ -439,7 +439,7 @@ class Orchestrator:
         """Rank 0 reads and checks every split the stream will use before any stage runs (fail fast)."""
         from mora_dist.data import DataError
         from mora_dist.data.check import check_stream_data
-        from mora_dist.models import ModelSourceError, load_tokenizer
+        from mora_dist.base_model import ModelSourceError, load_tokenizer
 
         def loader():
             m = self.cfg.model

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from mora_dist.io import atomic_write_json, fsync_dir, read_json
 from mora_dist.methods import extra_loss
 from mora_dist.mora import add_block, freeze_blocks, load_adapter, save_adapter, trainable_parameters
-from mora_dist.mora.model import unfreeze_last_block
+from mora_dist.mora.inject import unfreeze_last_block
 from mora_dist.run import portable
 from mora_dist.training import lr_factor
 
@@ -145,7 +145,7 @@ class LocalTrainer:
         self.opt = None
 
     def prune(self, decision: dict) -> None:
-        from mora_dist.distributed.stats import apply_pruning
+        from mora_dist.mora.pruning import apply_pruning
 
         apply_pruning(self.model, decision)
 

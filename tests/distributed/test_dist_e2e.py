@@ -178,7 +178,8 @@ def test_statistics_of_two_workers_equal_one_process_over_their_union(runs):
 
     from mora_dist.config import PruneConfig
     from mora_dist.distributed import selftest
-    from mora_dist.distributed.stats import collect_statistics, decide_pruning
+    from mora_dist.distributed.stats import collect_statistics
+    from mora_dist.mora.pruning import decide_pruning
     from mora_dist.mora import load_adapter
 
     root, res = runs

@@ -18,6 +18,7 @@ from mora_dist.config import ConfigError, DistributedConfig, PruneConfig, TrainC
 from mora_dist.distributed import env as E
 from mora_dist.distributed import launch_cmd as L
 from mora_dist.distributed import stats as S
+from mora_dist.mora import pruning as P
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -233,23 +234,23 @@ def test_decide_pruning_takes_the_largest_rung_within_the_bound():
     cfg = PruneConfig(max_output_change=0.01, min_keep=1)
     # ||Y_full||^2 = 100; rungs remove 1, 2, 3 experts of the new block: relative changes 0.5 %, 2 %, 0.8 %
     ladder = [100.0, 100 * 0.005 ** 2, 100 * 0.02 ** 2, 100 * 0.008 ** 2]
-    d = S.decide_pruning(_stats(ladder), None, cfg)
+    d = P.decide_pruning(_stats(ladder), None, cfg)
     assert d["block"] == 1 and d["block_name"] == "t1"
     entry = d["layers"]["l0"]
     assert (entry["remove"], entry["keep"]) == ([0, 2, 3], [1])  # order[:3]: each rung is a measured bank
     assert entry["output_change"] == pytest.approx(0.008) and entry["ladder"][2] == pytest.approx(0.02)
     # the hash covers what is removed, not the last bits of the measurement
-    nudged = S.decide_pruning(_stats([100.0, ladder[1], ladder[2], ladder[3] * (1 + 1e-12)]), None, cfg)
+    nudged = P.decide_pruning(_stats([100.0, ladder[1], ladder[2], ladder[3] * (1 + 1e-12)]), None, cfg)
     assert nudged["hash"] == d["hash"]
-    keep2 = S.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.01, min_keep=2))
+    keep2 = P.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.01, min_keep=2))
     assert keep2["layers"]["l0"]["remove"] == [3] and keep2["hash"] != d["hash"]
-    strict = S.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.001))
+    strict = P.decide_pruning(_stats(ladder), None, PruneConfig(max_output_change=0.001))
     assert strict["layers"]["l0"]["remove"] == [] and strict["layers"]["l0"]["output_change"] == 0.0
-    off = S.decide_pruning(_stats(ladder), None, PruneConfig(enabled=False))
+    off = P.decide_pruning(_stats(ladder), None, PruneConfig(enabled=False))
     assert off["layers"]["l0"]["remove"] == [] and off["layers"]["l0"]["ladder"] is not None  # still measured
-    assert S.decide_pruning(_stats(ladder, tokens=0), None, cfg)["layers"]["l0"]["remove"] == []
-    assert S.decide_pruning(_stats(None), None, cfg)["layers"]["l0"]["remove"] == []  # no complete ladder
-    zero = S.decide_pruning(_stats([0.0, 0.0, 0.0, 1e-3]), None, cfg)  # a zero output: only no-change rungs
+    assert P.decide_pruning(_stats(ladder, tokens=0), None, cfg)["layers"]["l0"]["remove"] == []
+    assert P.decide_pruning(_stats(None), None, cfg)["layers"]["l0"]["remove"] == []  # no complete ladder
+    zero = P.decide_pruning(_stats([0.0, 0.0, 0.0, 1e-3]), None, cfg)  # a zero output: only no-change rungs
     assert zero["layers"]["l0"]["remove"] == [0, 3]
 
 
@@ -301,7 +302,7 @@ def _direct_change(layer, A_full, B_full, scale, new_size, xs, remove):
     return (num / den) ** 0.5
 
 
-def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
+def test_collect_statistics_sums_batches_and_skips_padding():
     from mora_dist.distributed.selftest import collate
     from mora_dist.mora import mora_layers
     from mora_dist.mora.removal import relative_changes
@@ -332,14 +333,13 @@ def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
                     layer.block_sizes[-1]) for name, layer in layers.items()}
     # a bound inside the measured range, so that some layers prune and others keep experts
     rung1 = sorted(relative_changes(e["ladder"])[1] for e in both["layers"].values())
-    decision = S.decide_pruning(both, model, PruneConfig(max_output_change=rung1[len(rung1) // 2], min_keep=1))
-    path = S.write_statistics(tmp_path, "t0", both, decision)
-    record = json.loads(path.read_text())
+    decision = P.decide_pruning(both, model, PruneConfig(max_output_change=rung1[len(rung1) // 2], min_keep=1))
+    record = json.loads(json.dumps(S.statistics_record(both, decision, "t0")))  # what stats/NN-TASK.json holds
     assert record["decision"]["hash"] == decision["hash"]
     first = next(iter(record["layers"].values()))
     assert first["blocks"][0]["name"] == "t0" and len(first["blocks"][0]["usage"]) == 4
     assert first["blocks"][0]["weight_share"] == pytest.approx(1.0)
-    removed = S.apply_pruning(model, decision)
+    removed = P.apply_pruning(model, decision)
     assert removed == sum(len(v["remove"]) for v in decision["layers"].values()) > 0
     assert any(not v["remove"] for v in decision["layers"].values())
     for name, layer in layers.items():
@@ -349,7 +349,7 @@ def test_collect_statistics_sums_batches_and_skips_padding(tmp_path):
         assert direct <= decision["rule"]["max_output_change"] * (1 + 1e-9)
         assert direct == pytest.approx(entry["output_change"], rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="do not match"):
-        S.decide_pruning(both, model, PruneConfig())  # the bank changed since the statistics were taken
+        P.decide_pruning(both, model, PruneConfig())  # the bank changed since the statistics were taken
 
 
 def test_expert_summary_separates_routing_from_block_size():

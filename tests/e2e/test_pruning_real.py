@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from mora_dist.config import PruneConfig, TaskConfig
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.data.tokenize import collate
-from mora_dist.distributed.stats import apply_pruning, collect_statistics, decide_pruning
+from mora_dist.distributed.stats import collect_statistics
+from mora_dist.mora.pruning import apply_pruning, decide_pruning
 from mora_dist.mora import MoRAConfig, add_block, freeze_blocks, inject_mora, mora_layers, save_adapter
 from mora_dist.training import train_task_local
 

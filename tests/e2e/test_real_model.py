@@ -11,7 +11,7 @@ from tests.support import CL_DATA
 from mora_dist.config import TaskConfig
 from mora_dist.data import encode_examples, load_task_examples
 from mora_dist.inference import generate
-from mora_dist.models import ModelSourceError, resolve_model
+from mora_dist.base_model import ModelSourceError, resolve_model
 from mora_dist.mora import MoRAConfig, add_block, freeze_blocks, inject_mora, load_adapter, mora_layers, save_adapter
 from mora_dist.training import mean_answer_loss, train_task_local
 

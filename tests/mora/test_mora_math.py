@@ -1,5 +1,5 @@
-"""The MoRA layer against an independent float64 re-derivation of DESIGN §1, forward and backward, and on a CUDA
-device (``gpu`` marker, skipped cleanly without CUDA)."""
+"""The MoRA layer against an independent float64 re-derivation of the method (docs/design.md, The method),
+forward and backward, and on a CUDA device (``gpu`` marker, skipped cleanly without CUDA)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ R = sum(b[1] for b in BLOCKS)
 def make_layer(k, tau, delta, delta_mode="inference", gated=True, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     base = torch.nn.Linear(D_IN, D_OUT, bias=True).to(dtype)
-    layer = MoRALinear(base, k=k, tau=tau, delta=delta, delta_mode=delta_mode, gated=gated)
+    layer = MoRALinear(base, k=k, tau=tau, delta=delta, delta_mode=delta_mode, gate="self" if gated else "none")
     for name, r, scale in BLOCKS:
         layer.add_block(name, r, scale, dtype=dtype)
     A, B = layer.bank()
@@ -36,7 +36,7 @@ def reference_for(layer, x, delta_applies):
     return mora_reference(
         x.detach().numpy(), layer.base_layer.weight.detach().numpy(), A.detach().numpy(), B.detach().numpy(),
         layer.mora_scale.numpy(), k=layer.k, tau=layer.tau, delta=layer.delta if delta_applies else None,
-        gated=layer.gated, bias=layer.base_layer.bias.detach().numpy())
+        gated=layer.gate != "none", bias=layer.base_layer.bias.detach().numpy())
 
 
 def rel_err(a, b):
@@ -200,7 +200,7 @@ def test_policies_differ_only_off_the_selected_set():
 
 def test_sparse_policy_gives_unselected_experts_no_gradient():
     layer = make_layer(k=2, tau=0.1, delta=None)
-    layer.set_gate(k=2, tau=0.1, delta=None, delta_mode="inference", gated=True, eps=1e-12, grad="sparse")
+    layer.set_gate(k=2, tau=0.1, delta=None, delta_mode="inference", eps=1e-12, grad="sparse")
     layer.train()
     x = torch.randn(1, D_IN, dtype=torch.float64)
     A, _ = layer.bank()

@@ -151,6 +151,34 @@ def test_adapter_without_grad_setting_loads_with_the_exact_gradient(tiny_llama, 
     assert fresh2.mora_config.grad == "exact" and all(l.grad == "exact" for l in mora_layers(fresh2).values())
 
 
+@pytest.mark.parametrize("gate, legacy", [("none", {"gated": False, "gate": "self"}),
+                                           ("self", {"gated": True, "gate": "self"})])
+def test_adapter_saved_with_the_former_gated_key_loads_with_the_one_gate(tiny_llama, tmp_path, gate, legacy):
+    """Adapters written with the former ``gated`` + ``gate`` pair load with the one ``gate`` setting and compute
+    the same outputs; the pair's contradictory form is one error naming the file, the field and the fix."""
+    fresh, bad = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    inject_mora(tiny_llama, MoRAConfig(r_task=2, k=1, gate=gate))
+    add_block(tiny_llama, "a")
+    _train_steps(tiny_llama)
+    freeze_blocks(tiny_llama)
+    save_adapter(tiny_llama, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter.json"
+    desc = json.loads(path.read_text())
+    assert desc["mora"]["gate"] == gate and "gated" not in desc["mora"]
+    desc["mora"].update(legacy)
+    path.write_text(json.dumps(desc))
+    load_adapter(fresh, tmp_path / "ad")
+    assert fresh.mora_config.gate == gate and all(l.gate == gate for l in mora_layers(fresh).values())
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, fresh(ids).logits)
+    desc["mora"].update(gated=False, gate="router")
+    path.write_text(json.dumps(desc))
+    with pytest.raises(AdapterError, match=r"adapter\.json: field 'mora': mora\.gated=false contradicts "
+                                           r"mora\.gate='router': remove mora\.gated"):
+        load_adapter(bad, tmp_path / "ad")
+
+
 def test_adapter_on_model_with_other_shapes_is_a_clear_error(tiny_llama, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -206,6 +234,6 @@ def test_adapter_onto_a_model_with_other_gate_settings_is_explicit(tiny_llama, t
     load_adapter(fresh, tmp_path / "ad", gate_from="model")  # the model's k stays
     assert "keeping the model's gate settings (k: model 1 vs adapter 3)" in capsys.readouterr().err
     assert fresh.mora_config.k == 1 and next(iter(mora_layers(fresh).values())).k == 1
-    fresh.mora_config = MoRAConfig(r_task=4, k=3, tau=0.1, delta=0.1, gated=False)
-    with pytest.raises(AdapterError, match="gated: model False vs adapter True.*gate mode"):
+    fresh.mora_config = MoRAConfig(r_task=4, k=3, tau=0.1, delta=0.1, gate="none")
+    with pytest.raises(AdapterError, match="gate: model 'none' vs adapter 'self'.*gate mode"):
         load_adapter(fresh, tmp_path / "ad", gate_from="model")

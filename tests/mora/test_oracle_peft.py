@@ -19,7 +19,7 @@ def mora_and_peft(base, r_task, n_blocks, targets=("q_proj", "k_proj", "v_proj",
 
     alpha = 2.0 * r_task  # MoRA's scale alpha / r_task; peft's alpha / r must equal it
     mora_model = copy.deepcopy(base)
-    inject_mora(mora_model, MoRAConfig(r_task=r_task, alpha=alpha, gated=False, dropout=0.0,
+    inject_mora(mora_model, MoRAConfig(r_task=r_task, alpha=alpha, gate="none", dropout=0.0,
                                        target_modules=list(targets)))
     gen = torch.Generator().manual_seed(seed)
     for b in range(n_blocks):

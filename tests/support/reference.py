@@ -1,4 +1,4 @@
-"""An independent float64 NumPy re-derivation of the MoRA layer (DESIGN §1), token by token."""
+"""An independent float64 NumPy re-derivation of the MoRA layer (docs/design.md, The method), token by token."""
 
 from __future__ import annotations
 

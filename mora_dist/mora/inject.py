@@ -1,5 +1,5 @@
 """Finding target modules in a Hugging Face causal LM, replacing them with ``MoRALinear``, and acting on all
-MoRA layers at once (grow, freeze, select trainable parameters, change gate settings)."""
+MoRA layers at once (grow, freeze, select trainable parameters)."""
 
 from __future__ import annotations
 
@@ -108,18 +108,6 @@ def unfreeze_last_block(model: nn.Module) -> None:
     task instead of growing a new one."""
     for layer in _layers_or_error(model).values():
         layer.unfreeze_last()
-
-
-def set_gate(model: nn.Module, **settings) -> None:
-    """Change gate settings (k, tau, delta, delta_mode, gated, eps) on every layer and on ``model.mora_config``."""
-    config: MoRAConfig = model.mora_config
-    for key, value in settings.items():
-        if not hasattr(config, key):
-            raise MoRAConfigError(f"unknown gate setting {key!r}")
-        setattr(config, key, value)
-    config.validate()
-    for layer in _layers_or_error(model).values():
-        layer.set_gate(**config.gate_settings())
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -1,25 +1,18 @@
-"""The one typed run configuration: nested dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+"""The typed run configuration: nested dataclasses whose docstrings document every field.
 
-Every field is checked when the config is built; unknown keys are fatal with a suggestion; cross-field rules
-(batch arithmetic, task names) are checked at load. ``mora-dist validate CONFIG`` prints the resolved config.
+Each dataclass checks its own fields when it is built; ``RunConfig`` then applies the method's settings
+(``mora_dist.methods.apply_method``) and checks what spans sections (unique task names). Reading YAML, overrides
+and variable expansion are in ``loading.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field
 
-import yaml
-
-from mora_dist.mora.config import MoRAConfig, MoRAConfigError
-
-
-class ConfigError(ValueError):
-    """A configuration problem: names the file, the field and the fix."""
+from mora_dist.errors import ConfigError
+from mora_dist.methods import MoELoRAConfig, OLoRAConfig, apply_method
+from mora_dist.mora.config import MoRAConfig
 
 
 @dataclass
@@ -241,50 +234,6 @@ class DataConfig:
     root: str = "${MORA_DATA_ROOT:-../shared/data/llm-cl-benchmark-500}"
 
 
-METHODS = ("mora", "seq_lora", "olora", "moe_lora")
-
-
-@dataclass
-class OLoRAConfig:
-    """O-LoRA baseline (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual Learning").
-
-    Loss added at every optimizer step: ``lambda_orth · Σ_layers Σ |A_new A_oldᵀ|`` (the authors' code: the L1
-    norm of the products of the new block's keys with all frozen keys; the paper writes the squared entries)
-    plus ``lambda_l2 · Σ_layers (‖A_new‖_F + ‖B_new‖_F)`` (the code's ``torch.norm(p=2)`` of each new
-    parameter, not squared; the paper's objective has no such term).
-
-    Attributes:
-        lambda_orth: weight of the orthogonality penalty; the authors' scripts use 0.5.
-        lambda_l2: weight of the norm penalty on the new block; the authors' scripts use 0.
-    """
-
-    lambda_orth: float = 0.5
-    lambda_l2: float = 0.0
-
-    def __post_init__(self):
-        for key in ("lambda_orth", "lambda_l2"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ConfigError(f"olora.{key}={value!r}: must be a number >= 0")
-
-
-@dataclass
-class MoELoRAConfig:
-    """MoE-LoRA baseline: one LoRA expert (a block of ``mora.r_task`` experts) per task with a learned router per
-    layer; earlier experts and their router rows are frozen.
-
-    Attributes:
-        top_k: tasks' experts kept per token, 1 or 2 (more is allowed); top-1 weights the kept expert by its
-            softmax probability over all experts (Switch Transformer), top-k >= 2 by a softmax over the kept.
-    """
-
-    top_k: int = 2
-
-    def __post_init__(self):
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
-            raise ConfigError(f"moe_lora.top_k={self.top_k!r}: must be an integer >= 1")
-
-
 @dataclass
 class RunConfig:
     """A whole continual-training run.
@@ -294,8 +243,8 @@ class RunConfig:
             on the same bank and orchestrator (see ``mora_dist.methods``): ``seq_lora`` (one ungated LoRA block
             trained on every task in turn), ``olora`` (a new ungated block per task, orthogonality penalty
             against the frozen blocks, weights in ``olora``), ``moe_lora`` (a block per task used as one expert,
-            a learned router per layer, ``moe_lora.top_k``). The baselines set ``mora.gated`` (false for
-            seq_lora and olora), ``mora.gate``/``mora.router_top_k`` (moe_lora) and turn ``prune.enabled``
+            a learned router per layer, ``moe_lora.top_k``). The baselines set ``mora.gate`` (``none`` for
+            seq_lora and olora, ``router`` with ``mora.router_top_k`` for moe_lora) and turn ``prune.enabled``
             off; the resolved config shows the values used.
         olora, moe_lora: settings of those baselines.
     """
@@ -314,146 +263,11 @@ class RunConfig:
     moe_lora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
 
     def __post_init__(self):
-        self._apply_method()
+        apply_method(self)
         names = [t.name for t in self.tasks]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"tasks: duplicate task names {dup}; every task needs a unique name")
 
-    def _apply_method(self) -> None:
-        """Check ``method`` and set the bank and pruning settings it implies."""
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
-            raise ConfigError(f"method={self.method!r} is invalid: choose one of {', '.join(METHODS)}"
-                              + (f" (did you mean {close[0]}?)" if close else ""))
-        if self.method == "mora":
-            if self.mora.gate != "self":
-                raise ConfigError(f"mora.gate={self.mora.gate!r} with method=mora: the router gate is the "
-                                  "MoE-LoRA baseline; set method: moe_lora (and moe_lora.top_k) instead")
-            return
-        self.prune.enabled = False
-        if self.method in ("seq_lora", "olora"):
-            self.mora.gated, self.mora.gate = False, "self"
-        else:  # moe_lora
-            self.mora.gated, self.mora.gate, self.mora.router_top_k = True, "router", self.moe_lora.top_k
-        self.mora.validate()
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def expand_vars(text: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}`` like a shell."""
-    import re
-
-    def repl(m):
-        name, default = m.group(1), m.group(3)
-        return os.environ.get(name) or (default if default is not None else "")
-
-    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", repl, text)
-
-
-RETIRED_KEYS = {
-    "prune.min_usage": "pruning is bounded by the measured output change; remove the key and set "
-                       "prune.max_output_change (e.g. 0.01)",
-    "prune.min_mass_share": "pruning is bounded by the measured output change; remove the key and set "
-                            "prune.max_output_change (e.g. 0.01)",
-}
-
-
-def _build(cls, data: Any, where: str):
-    if dataclasses.is_dataclass(cls):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-        hints = get_type_hints(cls)
-        names = [f.name for f in fields(cls)]
-        kwargs = {}
-        for key, value in data.items():
-            full = f"{where}.{key}" if where else str(key)
-            if full in RETIRED_KEYS:
-                raise ConfigError(f"{full} is no longer a setting: {RETIRED_KEYS[full]}")
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else \
-                    f"; valid keys: {', '.join(names)}"
-                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
-            kwargs[key] = _build(hints[key], value, f"{where}.{key}" if where else key)
-        try:
-            return cls(**kwargs)
-        except MoRAConfigError as err:
-            raise ConfigError(str(err)) from err
-    origin = get_origin(cls)
-    if origin is list:
-        (item,) = get_args(cls)
-        if not isinstance(data, list):
-            raise ConfigError(f"{where}: expected a list")
-        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
-    args = [a for a in get_args(cls) if a is not type(None)]
-    if origin is not None and type(None) in get_args(cls):  # Optional[X]
-        if data is None:
-            return None
-        return _build(args[0], data, where) if len(args) == 1 else data
-    if cls is float and isinstance(data, int) and not isinstance(data, bool):
-        return float(data)
-    if cls is float and isinstance(data, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(data)
-        except ValueError:
-            pass
-    if cls in (int, float, str, bool) and not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
-        raise ConfigError(f"{where}={data!r}: expected {cls.__name__}")
-    return data
-
-
-def _parse_scalar(text: str):
-    return yaml.safe_load(text)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars; ``tasks.0.lr=1e-4`` indexes lists)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = _parse_scalar(raw)
-        else:
-            node[last] = _parse_scalar(raw)
-    return data
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (safe loading), apply overrides, build and check the typed config."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
-    try:
-        cfg = _build(RunConfig, data, "")
-    except ConfigError as err:
-        raise ConfigError(f"{path or '<overrides>'}: {err}") from err
-    cfg.data.root = expand_vars(cfg.data.root)
-    cfg.run_dir = expand_vars(cfg.run_dir)
-    return cfg
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
