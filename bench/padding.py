@@ -36,7 +36,7 @@ def plans(cfg, tok, index: int):
     """(encoded examples, micro-batches before, micro-batches after) of one task, as the orchestrator plans them."""
     from mora_dist.data import encode_examples, load_task_examples
     from mora_dist.data.grouping import task_batch_order
-    from mora_dist.training import steps_for
+    from mora_dist.schedule import steps_for
 
     t, task = cfg.train, cfg.tasks[index]
     examples = load_task_examples(task, cfg.data.root, "train", limit=t.max_examples, seed=t.seed)

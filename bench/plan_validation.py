@@ -119,14 +119,15 @@ def worker(args) -> None:
                                              if torch.is_tensor(v) and v.dim() > 0)
             row["reduce_bucket"] = 0
         else:
+            from mora_dist.distributed import bank
             from mora_dist.distributed import engine as E
 
             model = E.build_model(lambda: load_model(args.model), cfg)
             inject_mora(model, cfg.mora)
             for i in range(args.tasks):
                 if i:
-                    E.freeze(model)
-                E.grow(model, f"t{i}", seed=i)
+                    bank.freeze(model)
+                bank.grow(model, f"t{i}", seed=i)
             engine = E.build_engine(model, cfg, total_steps=2)
             opt = engine.optimizer
             bucket_seen = [0]

@@ -52,7 +52,9 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mora_dist.config import DistributedConfig, RunConfig, TrainConfig
+    from mora_dist.distributed import bank
     from mora_dist.distributed import engine as E
+    from mora_dist.distributed.trainer import train_task
     from mora_dist.distributed.env import init_distributed, shutdown
     from mora_dist.distributed.stats import collect_statistics
     from mora_dist.mora import MoRAConfig, inject_mora, is_adapter_parameter
@@ -69,7 +71,7 @@ def worker(args) -> None:
         torch.manual_seed(0)
         model = E.build_model(lambda: LlamaForCausalLM(mcfg), cfg, persistence_threshold=0)
         inject_mora(model, cfg.mora)
-        E.grow(model, "task0", seed=0)
+        bank.grow(model, "task0", seed=0)
         engine = E.build_engine(model, cfg, total_steps=args.steps, persistence_threshold=0)
 
         base = adapter = full_base = full_adapter = 0
@@ -89,7 +91,7 @@ def worker(args) -> None:
             ids = torch.randint(0, args.vocab, (2, args.seq), generator=g)
             batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
         t0 = time.perf_counter()
-        losses = E.train_task(engine, batches)
+        losses = train_task(engine, batches)
         train_s = time.perf_counter() - t0
         moments = sum(tensor_bytes(v) for st in opt.optimizer.state.values() for v in st.values()
                       if torch.is_tensor(v) and v.dim() > 0)

@@ -94,9 +94,8 @@ def _cmd_eval(args) -> int:
     from pathlib import Path
 
     from mora_dist.config import load_config
-    from mora_dist.data import load_task_examples
-    from mora_dist.evaluation.generation import evaluate_task
     from mora_dist.evaluation.results import build_stage_results
+    from mora_dist.evaluation.tasks import evaluate_tasks
     from mora_dist.inference import load_for_inference
     from mora_dist.io import atomic_write_json
 
@@ -106,15 +105,9 @@ def _cmd_eval(args) -> int:
     in_domain = {}
     if cfg is not None:
         wanted = set(args.tasks.split(",")) if args.tasks else None
-        for task in cfg.tasks:
-            if wanted and task.name not in wanted:
-                continue
-            examples = load_task_examples(task, cfg.data.root, cfg.eval.split)
-            in_domain[task.name] = evaluate_task(
-                model, tok, examples, task.metric, task=task.name, max_new_tokens=task.max_new_tokens,
-                batch_size=cfg.eval.batch_size, limit=cfg.eval.max_examples, seed=cfg.eval.seed,
-                chat_template=cfg.eval.chat_template, max_prompt_tokens=cfg.model.max_length)
-            print(f"{task.name}: {in_domain[task.name].metric} = {in_domain[task.name].score:.4f}")
+        in_domain = evaluate_tasks(model, tok, cfg, [t for t in cfg.tasks if not wanted or t.name in wanted])
+        for name, res in in_domain.items():
+            print(f"{name}: {res.metric} = {res.score:.4f}")
     general = None
     suite = args.general.split(",") if args.general else (cfg.eval.general if cfg else [])
     if suite:

@@ -43,6 +43,7 @@ from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, METRIC_NAMES
 from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 from mora_dist.methods import VARIANTS
 from mora_dist.mora.config import MoRAConfig
+from mora_dist.run.state import parse_stage
 METRICS = METRIC_NAMES  # AP, BWT, BWT_trace, FWT, forgetting, LA
 
 
@@ -156,8 +157,8 @@ def collect_run(run_dir: Path) -> dict:
     general = report.get("general") or {}
     change = (general.get("change_from_base") or [[]])[-1]
     change = [v for v in change if v is not None]
-    train = {d["stage"].split("/")[0].split("-", 1)[1]: d.get("info", {}) for d in state["done"]
-             if d["stage"].endswith("/train")}
+    train = {parse_stage(d["stage"]).task: d.get("info", {}) for d in state["done"]
+             if parse_stage(d["stage"]).step == "train"}
     from mora_dist.evaluation.results import read_stage_results
 
     final_stage = read_stage_results(run_dir)[-1]["mora_dist"]["in_domain"]

@@ -4,7 +4,7 @@ The plan of a task's global batches is a pure function of (example lengths, glob
 computed the same way on every worker before the batches are cut into per-worker micro-batches, so it does not
 depend on the world size, and a resumed run recomputes it and continues at its step.
 
-Per epoch (a seeded permutation of the examples, as ``mora_dist.training.batch_order``): the permutation is cut
+Per epoch (a seeded permutation of the examples, as ``batch_order``): the permutation is cut
 into groups of ``mega`` global batches; each group is sorted by length (longest first; ties keep the shuffled
 order) and cut into global batches, so a batch, and each micro-batch cut from it, holds examples of similar
 length; the full batches of the epoch are then shuffled (seeded) so that lengths do not drift along the task.
@@ -18,6 +18,19 @@ import random
 from typing import Iterator, Sequence
 
 MEGA_BATCHES = 50  # global batches sorted together (transformers' LengthGroupedSampler uses the same factor)
+
+
+def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """Example indices of each batch: seeded reshuffles per epoch, ``steps`` batches in all."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            perm = list(range(n_examples))
+            rng.shuffle(perm)
+            order += perm
+        yield order[:batch_size]
+        order = order[batch_size:]
 
 
 def grouped_batch_order(lengths: Sequence[int], batch_size: int, steps: int, seed: int,
@@ -59,8 +72,6 @@ def padding_fraction(lengths: Sequence[int], micro_batches: Sequence[Sequence[in
 def task_batch_order(encoded: Sequence[dict], batch_size: int, steps: int, seed: int,
                      group_by_length: bool) -> list[list[int]]:
     """The global batches of a task as the orchestrator trains them: seeded shuffles, or grouped by length."""
-    from mora_dist.training import batch_order
-
     if group_by_length:
         return list(grouped_batch_order([len(e["input_ids"]) for e in encoded], batch_size, steps, seed))
     return list(batch_order(len(encoded), batch_size, steps, seed))

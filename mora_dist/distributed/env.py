@@ -218,7 +218,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
         DistributedEnvError: the environment is inconsistent (before any process group is formed).
     """
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        return rank(), world_size(), int(os.environ.get("LOCAL_RANK", 0))
     info = discover()
     if info.launcher == "single":
         return 0, 1, 0
@@ -246,10 +246,12 @@ def ensure_process_group(backend: str | None = None) -> None:
 
 
 def rank() -> int:
+    """This worker's rank (0 in one process)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of workers: the one place it is computed (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -259,7 +261,8 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Wait for every worker (nothing to wait for in one process)."""
+    if world_size() > 1:
         dist.barrier()
 
 
@@ -269,8 +272,7 @@ def shutdown() -> None:
     Without it gloo aborts at exit in about half of runs. Safe to call when nothing was initialised.
     """
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
         gc.collect()
         dist.destroy_process_group()
     else:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mora_dist.distributed import commlog
+from mora_dist.io import atomic_write_json
 
 SEQ = 16
 VOCAB = 128
@@ -110,16 +111,13 @@ def main(argv=None) -> int:
 
 
 def run(args, rank: int, world: int, launcher: str) -> dict:
-    import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
+    from mora_dist.distributed import bank as B
     from mora_dist.distributed import stats as S
-    from mora_dist.io import atomic_write_json
-    from mora_dist.mora import (
-        add_block, adapter_state_dict, freeze_blocks, inject_mora, is_adapter_parameter, load_adapter,
-        save_adapter, trainable_parameters,
-    )
-    from mora_dist.mora.pruning import apply_pruning, decide_pruning
+    from mora_dist.distributed.collectives import all_gather_objects
+    from mora_dist.mora.pruning import decide_pruning
+    from mora_dist.mora import inject_mora, is_adapter_parameter, trainable_parameters
 
     cfg = run_config(args)
     out = Path(args.out)
@@ -128,6 +126,7 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     ds = args.engine == "deepspeed"
     if ds:
         from mora_dist.distributed import engine as E
+        from mora_dist.distributed.trainer import train_task
 
         model = E.build_model(lambda: LlamaForCausalLM.from_pretrained(args.model), cfg, persistence_threshold=0)
     else:
@@ -136,10 +135,7 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         model = LlamaForCausalLM.from_pretrained(args.model)
     inject_mora(model, cfg.mora)
     if args.resume:
-        if ds:
-            E.load_adapter_distributed(model, args.resume)
-        else:
-            load_adapter(model, args.resume)
+        B.load_adapter(model, args.resume)
     label = {"now": "setup"}
     model.register_forward_pre_hook(lambda m, a: setattr(log, "current", label["now"] + "_forward"), prepend=True)
     model.register_forward_hook(lambda m, a, o: setattr(log, "current", label["now"]), always_call=True)
@@ -151,15 +147,9 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         examples = task_examples(t, args.steps * G, args.seed)
         mine = micro_batches(examples, args.micro, rank, world)
         info: dict = {"name": name}
-        if ds:
-            E.grow(model, name, seed=args.seed + t)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed + t)
-                add_block(model, name)
+        B.grow(model, name, seed=args.seed + t)
         trainable = {n for n, _ in trainable_parameters(model)}
-        snap = lambda pred: (E.gathered_state(model, pred) if ds else  # noqa: E731
-                             {n: p.detach().clone() for n, p in model.named_parameters() if pred(n)})
+        snap = lambda pred: B.gathered_state(model, pred)  # noqa: E731
         frozen_pred = lambda n: n not in trainable  # noqa: E731
         before = snap(frozen_pred) if args.check_frozen else None
         before_active = snap(lambda n: n in trainable) if args.check_frozen else None
@@ -167,7 +157,7 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         if ds:
             engine = E.build_engine(model, cfg, total_steps=args.steps, persistence_threshold=0)
             with log.phase("train"):
-                info["losses"] = E.train_task(engine, mine)
+                info["losses"] = train_task(engine, mine)
             forward = engine
         else:
             info["losses"] = reference_train(model, mine, cfg, args.steps)
@@ -186,18 +176,13 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         decision = decide_pruning(stats, model, cfg.prune)
         info["decision_hashes"] = S.check_decision_agrees(decision)
         info["decision_hash"] = decision["hash"]
-        if rank == 0:
-            atomic_write_json(out / f"stats-{name}.json", S.statistics_record(stats, decision, name))
+        _write_stats(out, name, S.statistics_record(stats, decision, name), rank)
         label["now"] = "other"
         if ds:
             E.destroy_engine(engine)
-            E.prune(model, decision)
-            E.freeze(model)
-            E.save_adapter_distributed(model, out / f"adapter-{name}")
-        else:
-            apply_pruning(model, decision)
-            freeze_blocks(model)
-            save_adapter(model, out / f"adapter-{name}")
+        B.prune(model, decision)
+        B.freeze(model)
+        B.save_adapter(model, out / f"adapter-{name}")
         info["removed"] = sum(len(v["remove"]) for v in decision["layers"].values())
         tasks.append(info)
 
@@ -208,18 +193,17 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     forward = E.build_inference_engine(model, cfg, persistence_threshold=0) if ds else model
     final_stats = S.collect_statistics(forward, final_batches, min_keep=cfg.prune.min_keep)
     final_decision = decide_pruning(final_stats, model, cfg.prune)
-    if rank == 0:
-        atomic_write_json(out / "stats-final.json", S.statistics_record(final_stats, final_decision, "final"))
+    _write_stats(out, "final", S.statistics_record(final_stats, final_decision, "final"), rank)
     with torch.no_grad():
         batch = collate(probe[:4])
         logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
-    state = E.gathered_adapter_state(model) if ds else {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    state = B.gathered_adapter_state(model)
     if ds:
         E.destroy_engine(forward)
     ranks = [None] * world
     if world > 1:
-        dist.all_gather_object(ranks, {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-                                       "master_addr": os.environ.get("MASTER_ADDR")})
+        ranks = all_gather_objects({"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                                    "master_addr": os.environ.get("MASTER_ADDR")})
     if rank == 0:
         torch.save({"logits": logits, "state": state, "probe": [p.tolist() for p in probe]}, out / "final.pt")
     result = {"world_size": world, "stage": args.stage, "engine": args.engine, "launcher": launcher,
@@ -231,31 +215,23 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     return result
 
 
-def reference_train(model, batches: list[dict], cfg, steps: int) -> list[float]:
-    """The one-process PyTorch loop a distributed run must reproduce: AdamW, clipping, same schedule."""
-    from mora_dist.mora import trainable_parameters
-    from mora_dist.training import lr_factor
+def _write_stats(out: Path, name: str, record: dict, rank: int) -> None:
+    """``OUT/stats-NAME.json``: the all-reduced statistics and the decision (rank 0 writes, atomically)."""
+    if rank == 0:
+        atomic_write_json(out / f"stats-{name}.json", record)
 
-    params = [p for _, p in trainable_parameters(model)]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps, cfg.train.schedule, cfg.train.warmup_steps))
+
+def reference_train(model, batches: list[dict], cfg, steps: int) -> list[float]:
+    """The one-process loop a distributed run must reproduce: ``train_step`` over plain PyTorch AdamW, with the
+    same clipping and schedule, ``len(batches) // steps`` micro-batches per step."""
+    from mora_dist.mora import trainable_parameters
+    from mora_dist.training import TorchStep, train_step
+
+    t = cfg.train
+    backend = TorchStep(model, [p for _, p in trainable_parameters(model)], lr=t.lr, steps=steps,
+                        weight_decay=t.weight_decay, schedule=t.schedule, warmup=t.warmup_steps, grad_clip=t.grad_clip)
     gas = len(batches) // steps
-    model.train()
-    losses = []
-    for s in range(steps):
-        total = 0.0
-        for batch in batches[s * gas:(s + 1) * gas]:
-            loss = model(**batch).loss
-            (loss / gas).backward()
-            total += float(loss)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total / gas)
-    model.eval()
-    return losses
+    return [train_step(backend, s, batches[s * gas:(s + 1) * gas])[0] for s in range(steps)]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mora_dist.distributed.env import world_size
 from mora_dist.mora import mora_layers
 from mora_dist.mora.pruning import decision_hash
 
@@ -62,7 +63,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     forward = forward or model
     layers = mora_layers(bare)
     batches = list(batches)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if check_lockstep and world > 1 and _partitioned(bare):
         n = torch.tensor([len(batches), -len(batches)], dtype=torch.long)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -131,10 +132,10 @@ def check_decision_agrees(decision: dict) -> list[str]:
         The hashes of all workers (one entry in a single process).
     """
     digest = decision_hash(decision)
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return [digest]
     mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    everyone = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(everyone, mine)
     hashes = [bytes(t.tolist()).hex() for t in everyone]
     if len(set(hashes)) != 1:

@@ -1,11 +1,12 @@
-"""The few torch.distributed helpers evaluation needs: who am I, deal work so ranks stay in lockstep, gather.
+"""What evaluation needs across workers: who am I, deal work so ranks stay in lockstep, gather.
 
 Evaluation under ZeRO-3 needs every rank to run the same number of forward passes (each forward all-gathers the
 sharded weights), so work is dealt in *batches*: the list of batches is split round-robin over ranks and ranks
 that run out are given a dummy batch whose output is thrown away. Results come back with their original
 indices and are all-gathered, so every rank ends with the full, identically ordered result list.
 
-All helpers fall back to single-process behaviour when torch.distributed is not initialised.
+All helpers fall back to single-process behaviour when torch.distributed is not initialised (the collectives
+themselves are ``mora_dist.distributed``'s).
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch.distributed as dist
+from mora_dist.distributed.collectives import all_gather_objects
+from mora_dist.distributed.env import rank, world_size
 
 T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank(), world_size()
 
 
 def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -50,13 +50,7 @@ def gather_indexed(local: list[tuple[int, Any]], n_items: int) -> list[Any]:
 
     Raises ``RuntimeError`` if an index in ``range(n_items)`` was computed by no rank.
     """
-    _, world = rank_and_world()
-    if world > 1:
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, local)
-        pairs = [pair for part in parts for pair in part]
-    else:
-        pairs = list(local)
+    pairs = [pair for part in all_gather_objects(local) for pair in part]
     out: list[Any] = [None] * n_items
     seen = [False] * n_items
     for index, value in pairs:

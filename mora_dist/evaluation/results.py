@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mora_dist.evaluation.suite import primary_metric
-from mora_dist.io import atomic_write_json
+from mora_dist.io import atomic_write_json, read_json
 
 IN_DOMAIN_VERSION = 1.0
 _LM_EVAL_TABLES = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
@@ -108,6 +108,14 @@ def write_stage_results(run_dir: str | os.PathLike, stage: int, after_task: str 
     if write_samples and samples:
         atomic_write_json(path.with_suffix(".samples.json"), samples)
     return atomic_write_json(path, data)
+
+
+def experts_from_stats(stats_file: str | os.PathLike) -> dict | None:
+    """The stage results' view of a task's expert statistics (``stats/NN-TASK.json``), ``None`` without one."""
+    from mora_dist.distributed.stats import expert_summary
+
+    path = Path(stats_file)
+    return expert_summary(read_json(path)) if path.is_file() else None
 
 
 def read_stage_results(run_dir: str | os.PathLike) -> list[dict]:

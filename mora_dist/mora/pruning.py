@@ -85,7 +85,7 @@ def decision_hash(decision: dict) -> str:
 
 def apply_pruning(model: nn.Module, decision: dict) -> int:
     """Remove the decided experts from every layer's bank (plain tensors; under ZeRO-3 use
-    ``engine.prune``, which gathers first). Returns the number of experts removed."""
+    ``mora_dist.distributed.bank.prune``, which gathers first). Returns the number of experts removed."""
     layers = mora_layers(_bare(model))
     removed = 0
     for name, entry in decision["layers"].items():

@@ -143,3 +143,43 @@ def plot_loss_curves(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class TrainProgress:
+    """Rank 0's view of one task's training: a tqdm bar and the training curves (nothing on other ranks).
+
+    Args:
+        run_dir: the run directory (``metrics.jsonl`` is appended there).
+        enabled: rank 0.
+        start: the step training starts or resumes from; the curves' lines of later steps are dropped first.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, index: int, name: str, steps: int, start: int):
+        self.steps = steps
+        self.bar = self.curves = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, desc=f"train {name}", unit="step", dynamic_ncols=True,
+                            mininterval=1.0)
+            self.curves = TrainingCurves(run_dir)
+            self.curves.begin_task(index, name, start)
+        self.tokens_seen, self.t_start = 0, time.monotonic()
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, real_tokens: int,
+             seconds: float) -> None:
+        """After optimizer step ``step`` (0-based): ``tokens`` of the global batch (curves), ``real_tokens`` the
+        non-padding tokens trained on every worker together (the bar's rate)."""
+        self.tokens_seen += real_tokens
+        if self.curves is not None:
+            self.curves.log_step(step + 1, self.steps, loss, lr, grad_norm, tokens, seconds)
+        if self.bar is not None:
+            rate = self.tokens_seen / max(time.monotonic() - self.t_start, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.curves is not None:
+            self.curves.close()

@@ -10,7 +10,7 @@ A mid-task checkpoint ``ckpt/NN-TASK/step-N/`` holds the gathered adapter (``ada
 
 The trainable set is only the active adapter block, so gathering it whole is cheap, and the same files load
 into the one-process trainer (plain AdamW) and into DeepSpeed under any ZeRO stage and any world size
-(``mora_dist.distributed.engine_state``). On the world size that wrote it, every worker gets its own RNG state
+(``mora_dist.distributed.engine``). On the world size that wrote it, every worker gets its own RNG state
 back and the resume is bit-exact; on another one, each worker's RNG is seeded from the saved states and its
 rank (dropout masks depend on the worker count anyway). The data plan must not change: the global batch of
 the checkpoint has to be this run's (set ``train.global_batch_size`` to make it independent of the workers).
@@ -19,13 +19,15 @@ the checkpoint has to be this run's (set ``train.global_batch_size`` to make it 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mora_dist.io import atomic_write_json, read_json
+from mora_dist.io import atomic_write_json, fsync_dir, read_json
 
 FORMAT = 2
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -35,10 +37,32 @@ class ResumeError(RuntimeError):
     """A mid-task checkpoint that this run cannot continue; the message says why and what to do."""
 
 
-def global_batch(cfg, world_size: int) -> int:
-    """Examples per optimizer step of ``cfg`` on ``world_size`` workers."""
-    t = cfg.train
-    return t.micro_batch_size * world_size * t.gradient_accumulation(world_size)
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint ``root/step-NNNNNN`` (complete ones only: they appear by a rename)."""
+    steps = sorted(Path(root).glob("step-*")) if Path(root).is_dir() else []
+    return steps[-1] if steps else None
+
+
+def checkpoint_tmp(root: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (any leftover of a crashed write is removed)."""
+    tmp = Path(root) / f".tmp-step-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int) -> Path:
+    """Move a fully written checkpoint into place, then drop the older ones."""
+    final = Path(root) / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in Path(root).glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 @dataclass

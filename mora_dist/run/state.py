@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mora_dist.io import atomic_write_json, read_json
+from mora_dist.io import atomic_write_json, atomic_write_text, read_json
 
 TASK_STAGES = ("grow", "train", "stats", "prune", "save", "evaluate", "report")
 BASE_STAGE = "base/evaluate"
@@ -46,6 +46,36 @@ def all_stages(tasks: list[str]) -> list[str]:
     for i, name in enumerate(tasks):
         out += [f"{task_key(i, name)}/{s}" for s in TASK_STAGES]
     return out
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """A parsed stage name: ``index`` and ``task`` are ``None`` for the base model's evaluation."""
+
+    index: int | None
+    task: str | None
+    step: str
+
+
+def parse_stage(stage: str) -> StageKey:
+    """``"01-FOMC/train"`` → ``StageKey(1, "FOMC", "train")``; ``"base/evaluate"`` → ``StageKey(None, None,
+    "evaluate")``. The one parser of stage names (the orchestrator and ``compare`` read them)."""
+    key, step = stage.split("/")
+    if stage == BASE_STAGE:
+        return StageKey(None, None, step)
+    index, name = key.split("-", 1)
+    return StageKey(int(index), name, step)
+
+
+def last_stage_of(tasks: list[str], name: str) -> str:
+    """The stage that ends task ``name`` (``--until-task``).
+
+    Raises:
+        RunStateError: ``name`` is not a task of the stream.
+    """
+    if name not in tasks:
+        raise RunStateError(f"--until-task {name!r} is not a task of this stream ({', '.join(tasks)})")
+    return f"{task_key(tasks.index(name), name)}/{TASK_STAGES[-1]}"
 
 
 def now() -> str:
@@ -185,3 +215,47 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def prepare_run_dir(run_dir: RunDir, cfg, world_size: int) -> None:
+    """Create the run directory, write the resolved config (or check that a rerun's config is the stored one)
+    and the versions of the packages.
+
+    Raises:
+        ConfigError: the directory was started with another config (the differing keys are named).
+    """
+    import torch
+    import transformers
+
+    from mora_dist import __version__
+    from mora_dist.config import ConfigError, dump_config, load_config
+
+    root = run_dir.root
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_file = root / "config.yaml"
+    if cfg_file.is_file():
+        differ = _differences(load_config(cfg_file).to_dict(), cfg.to_dict())
+        if differ:
+            raise ConfigError(
+                f"{cfg_file}: this run directory was started with another config ({', '.join(differ[:6])}"
+                f"{' ...' if len(differ) > 6 else ''} differ); rerun with the same config and overrides, "
+                "or use another run_dir")
+    else:
+        atomic_write_text(cfg_file, dump_config(cfg))
+    atomic_write_json(root / "version.json", {"mora_dist": __version__, "torch": torch.__version__,
+                                              "transformers": transformers.__version__, "world_size": world_size})
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts/lists."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += _differences(x, y, f"{prefix}.{i}")
+        return out
+    return [] if a == b else [prefix or "<root>"]

@@ -9,8 +9,7 @@ from collections import Counter
 import pytest
 
 from mora_dist.config import ConfigError, load_config
-from mora_dist.data.grouping import grouped_batch_order, padding_fraction, task_batch_order
-from mora_dist.training import batch_order
+from mora_dist.data.grouping import batch_order, grouped_batch_order, padding_fraction, task_batch_order
 
 
 def _lengths(n=203, seed=0):
