@@ -81,7 +81,7 @@ def _intervals_section(comp: dict) -> list[str]:
     out += table(["method"] + [f"Δ{k}" for k in METRIC_NAMES],
                  [[m] + [cell(d[k], k) for k in METRIC_NAMES] for m, d in ints["differences"].items()])
     if multi:
-        out += ["", f"The same differences over seeds (mean ± standard deviation [minimum, maximum]):", ""]
+        out += ["", "The same differences over seeds (mean ± standard deviation [minimum, maximum]):", ""]
         out += table(["method"] + [f"Δ{k}" for k in METRIC_NAMES],
                      [[m] + [_spread(d[k], True) for k in METRIC_NAMES]
                       for m, d in comp["aggregate_differences"].items()])
