@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 TASKS = ("dbpedia", "agnews", "yahoo")
-TRAIN, TEST, WORDS = 200, 60, 24
+TRAIN, TEST, WORDS = 200, 60, 12
 HERE = Path(__file__).resolve().parent
 
 
