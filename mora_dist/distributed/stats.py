@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mora_dist.distributed.bank import is_partitioned
 from mora_dist.distributed.env import world_size
 from mora_dist.mora import mora_layers
 from mora_dist.mora.pruning import decision_hash
@@ -32,10 +33,6 @@ SUM_KEYS = ("selected", "weight_sum", "mass")
 
 def _bare(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-
-
-def _partitioned(model: nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 @torch.no_grad()
@@ -64,7 +61,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     layers = mora_layers(bare)
     batches = list(batches)
     world = world_size()
-    if check_lockstep and world > 1 and _partitioned(bare):
+    if check_lockstep and world > 1 and any(is_partitioned(p) for p in bare.parameters()):
         n = torch.tensor([len(batches), -len(batches)], dtype=torch.long)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         if n[0] != -n[1]:
