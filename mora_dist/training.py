@@ -13,6 +13,7 @@ schedules and reduces gradients itself).
 from __future__ import annotations
 
 import abc
+import inspect
 import time
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from mora_dist.data.grouping import batch_order
-from mora_dist.data.tokenize import collate
+from mora_dist.data.tokenize import IGNORE, collate
 from mora_dist.distributed import bank
 from mora_dist.mora import trainable_parameters
 from mora_dist.schedule import lr_factor
@@ -42,6 +43,24 @@ class StepBackend(Protocol):
 
     def reduce_loss(self, losses: list[torch.Tensor]) -> float:
         """The step's loss from what ``forward_backward`` returned (over every worker)."""
+
+
+def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a training batch (``labels`` is ``-100`` elsewhere).
+
+    The same value as the model's own ``labels`` loss, but the vocabulary projection runs only at the positions
+    that predict an answer token of some row (``logits_to_keep``), not at every position: with short answers after
+    long prompts that projection (the largest matrix of a small model) was a fifth of the forward's work and its
+    largest activation. Models whose forward has no ``logits_to_keep`` get the ordinary ``labels`` loss.
+    """
+    bare = getattr(model, "module", model)  # a DeepSpeed engine forwards keyword arguments to its module
+    if "logits_to_keep" not in inspect.signature(bare.forward).parameters:
+        return model(**batch).loss
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = out.logits.float()  # (rows, kept positions, vocabulary), upcast as the model's own loss does
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
 
 
 def train_step(backend: StepBackend, step: int, micro_batches: list[dict]) -> tuple[float, float | None]:
@@ -71,7 +90,7 @@ class TorchStep:
         self.grad_clip, self.penalty = grad_clip, penalty
 
     def forward_backward(self, batch: dict, n_micro: int) -> torch.Tensor:
-        loss = self.module(**batch).loss / n_micro
+        loss = answer_loss(self.module, batch) / n_micro
         loss.backward()
         return loss.detach()
 

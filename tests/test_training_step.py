@@ -147,3 +147,43 @@ def test_stage_names_parse_back():
     assert last_stage_of(tasks, "NumGLUE-cm") == "01-NumGLUE-cm/report"
     with pytest.raises(RunStateError, match="not a task"):
         last_stage_of(tasks, "ScienceQA")
+
+
+def test_answer_loss_is_the_models_labels_loss_with_its_gradients(tiny_llama):
+    """Projecting only the positions that predict an answer token changes neither the loss nor the gradients."""
+    from mora_dist.data.tokenize import IGNORE, collate
+    from mora_dist.training import answer_loss
+
+    model = _model(tiny_llama)
+    model.eval()  # no dropout: both forwards see the same function
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for n_prompt, n_answer in [(9, 2), (4, 3), (12, 1)]:  # answers end at different positions (right padding)
+        ids = torch.randint(1, 128, (n_prompt + n_answer,), generator=g).tolist()
+        items.append({"input_ids": ids, "labels": [IGNORE] * n_prompt + ids[n_prompt:]})
+    batch = collate(items, pad_id=0)
+    params = [p for _, p in trainable_parameters(model)]
+
+    want = model(**batch).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = answer_loss(model, batch)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_answer_loss_falls_back_to_the_labels_loss_without_logits_to_keep(tiny_llama):
+    from mora_dist.training import answer_loss
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward takes no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, labels):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    batch = _batches(1)[0]
+    wrapped = NoKeep(tiny_llama)
+    assert torch.equal(answer_loss(wrapped, batch), tiny_llama(**batch).loss)

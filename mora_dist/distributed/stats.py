@@ -16,6 +16,7 @@ docs/design.md, Pruning and Distribution. Needs only ``torch.distributed``.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Callable, Iterable
 
@@ -57,6 +58,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
         worker had no data to measure it on.
     """
     bare = _bare(model)
+    extra = {}
+    if forward is None and "logits_to_keep" in inspect.signature(bare.forward).parameters:
+        extra["logits_to_keep"] = 1  # the statistics come from the MoRA layers: no vocabulary projection needed
     forward = forward or model
     layers = mora_layers(bare)
     batches = list(batches)
@@ -77,7 +81,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
             for layer in layers.values():
                 layer.stats_token_mask = mask
             device = next(iter(layers.values())).mora_scale.device
-            forward(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device))
+            forward(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), **extra)
         local = {name: layer.stop_stats() for name, layer in layers.items()}
     finally:
         for layer in layers.values():

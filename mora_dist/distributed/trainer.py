@@ -20,7 +20,7 @@ from mora_dist.io import atomic_write_json, read_json
 from mora_dist.mora import trainable_parameters
 from mora_dist.run import portable
 from mora_dist.schedule import global_batch
-from mora_dist.training import Trainer, train_step
+from mora_dist.training import Trainer, answer_loss, train_step
 
 
 class DeepSpeedStep:
@@ -37,7 +37,7 @@ class DeepSpeedStep:
         if n_micro != gas:
             raise ValueError(f"{n_micro} micro-batches per optimizer step, but gradient_accumulation_steps={gas}")
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        loss = self.engine(**batch).loss
+        loss = answer_loss(self.engine, batch)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
