@@ -2,12 +2,20 @@
 
 No code path here downloads from a hub: every ``from_pretrained`` call gets ``local_files_only=True`` and the
 process sets ``HF_HUB_OFFLINE=1`` before transformers is used.
+
+A GGUF model is de-quantised, and its tokenizer rebuilt from the GGUF vocabulary, on every load, which takes longer
+than loading the model itself. The first load therefore writes the converted model (safetensors) and tokenizer to
+a cache folder (``$MORA_MODEL_CACHE``, default ``~/.cache/mora_dist/models``; ``MORA_MODEL_CACHE=off`` disables
+it), keyed by the GGUF file's name, size and modification time and the transformers version, and later loads read
+that folder: the same weights, bit for bit, and the same tokenizer.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +94,93 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
     )
 
 
+CACHE_ENV = "MORA_MODEL_CACHE"
+_COMPLETE = "converted.json"  # written last: a folder without it is not used
+
+
+def cache_root() -> Path | None:
+    """Where converted GGUF models are kept, or ``None`` when ``MORA_MODEL_CACHE`` is ``off`` (or ``0``)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("off", "0", "false", "no"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "mora_dist" / "models"
+
+
+def converted_dir(src: ModelSource) -> Path | None:
+    """The cache folder for a GGUF source (``None`` for a Hugging Face folder or with the cache off)."""
+    root = cache_root()
+    if src.gguf_file is None or root is None:
+        return None
+    import transformers
+
+    gguf = src.directory / src.gguf_file
+    st = gguf.stat()
+    return root / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+
+
+def _from_gguf(src: ModelSource, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.directory, trust_remote_code=trust_remote_code, **src.kwargs())
+    model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code, **src.kwargs())
+    _drop_gguf_marker(model)  # so that the converted copy also saves and loads as an ordinary model
+    return tok, model
+
+
+def _drop_gguf_marker(model) -> None:
+    """A GGUF checkpoint is de-quantised on load: its weights are plain tensors. Drop the quantisation marker so
+    nothing treats the model as quantised (it is not)."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+
+
+def local_source(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> ModelSource:
+    """``resolve_model``, with a GGUF model replaced by its converted copy in the cache (written on first use).
+
+    Several processes may convert at once (the workers of a launch): each writes its own temporary folder and the
+    first rename wins; the others discard theirs. A cache that cannot be written (read-only home) is skipped with
+    the GGUF file loaded as it is.
+    """
+    src = resolve_model(name_or_path)
+    target = converted_dir(src)
+    if target is None:
+        return src
+    if (target / _COMPLETE).is_file():
+        return ModelSource(target)
+    import json
+
+    if target.exists():  # renames are atomic and the marker goes in first: this folder was damaged since
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError:
+        return src
+    try:
+        tok, model = _from_gguf(src, trust_remote_code)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": str(src.directory / src.gguf_file)}) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            pass
+    except OSError:
+        return src
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource(target) if (target / _COMPLETE).is_file() else src
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer of a model, from local files; pads on the left (batched generation) with a pad token set."""
     from transformers import AutoTokenizer
 
-    src = resolve_model(name_or_path)
+    src = local_source(name_or_path, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(src.directory, trust_remote_code=trust_remote_code, **src.kwargs())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -103,18 +193,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     """A causal LM from local files, in ``dtype``, in eval mode, with every parameter frozen."""
     from transformers import AutoModelForCausalLM
 
-    src = resolve_model(name_or_path)
+    src = local_source(name_or_path, trust_remote_code)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(
         src.directory, dtype=torch_dtype, trust_remote_code=trust_remote_code, **src.kwargs()
     )
-    # A GGUF checkpoint is de-quantised on load: the weights are plain tensors. Drop the marker so nothing treats
-    # the model as quantised (it is not).
-    if getattr(model.config, "quantization_config", None) is not None and src.gguf_file is not None:
-        del model.config.quantization_config
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.is_quantized = False
+    if src.gguf_file is not None:  # the cache is off
+        _drop_gguf_marker(model)
     model.requires_grad_(False)
     model.eval()
     return model
