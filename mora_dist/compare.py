@@ -3,7 +3,8 @@
 Each method runs the config's stream, data order and seeds in its own sibling run directory
 ``<run_dir>-<method>`` (with ``--seeds``: ``<run_dir>-<method>-seed<S>``, one per training seed ``train.seed=S``)
 through the ordinary orchestrator, so each is resumable exactly like ``mora-dist run``: rerun the same command
-after a crash and finished runs are skipped. Then one comparison is written to ``<run_dir>-compare/``:
+after a crash and finished runs are skipped. The base model is evaluated once: the later runs copy the first run's
+``base/evaluate`` results (``run/shared_base.py``). Then one comparison is written to ``<run_dir>-compare/``:
 
 * ``compare.json``: per method (``runs``; with ``--seeds``: ``seed_runs`` per seed and ``aggregate``, the mean,
   standard deviation, minimum and maximum over seeds of every metric and of every difference from the reference)
@@ -97,12 +98,14 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
     from mora_dist.run.state import RunDir, RunState
 
     run_dirs: dict[str, list[Path]] = {name: [] for name in methods}
+    first: Path | None = None  # the base model's evaluation is computed once (run/shared_base.py)
     for seed in seeds or [None]:
         for name in methods:
             cfg = method_config(config, overrides, name, seed)
             label = name if seed is None else f"{name}, seed {seed}"
             print(f"[mora-dist compare] method {label}: {cfg.run_dir}", flush=True)
-            code = run(cfg, limits)
+            code = run(cfg, limits, base_from=first)
+            first = first or Path(cfg.run_dir)
             if code != 0:
                 return code
             state = RunState(RunDir(Path(cfg.run_dir)), [t.name for t in cfg.tasks], persist=False)

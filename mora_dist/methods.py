@@ -11,7 +11,7 @@
 Everything method-specific lives here: the settings a method implies (``apply_method``, run when a
 ``RunConfig`` is built), the baselines' own settings (``OLoRAConfig``, ``MoELoRAConfig``), the variants the
 comparison runs besides the methods (``VARIANTS``: ``mora_noprune``), whether a task grows a block
-(``grows_block``), the loss added to the task loss (``extra_loss``), and which world sizes a method supports
+(``grows_block``), whether statistics are collected (``collects_statistics``), the loss added to the task loss (``extra_loss``), and which world sizes a method supports
 (``check_world``). Pruning is off for every baseline. The gates themselves are computed in ``mora_dist.mora.gate``.
 """
 
@@ -30,8 +30,8 @@ from mora_dist.mora.inject import mora_layers
 if TYPE_CHECKING:  # the run config is built on this module; it is only a type here
     from mora_dist.config import RunConfig
 
-__all__ = ["METHODS", "VARIANTS", "MoELoRAConfig", "OLoRAConfig", "apply_method", "check_world", "extra_loss",
-           "grows_block", "l2_penalty", "orthogonality_penalty"]
+__all__ = ["METHODS", "VARIANTS", "MoELoRAConfig", "OLoRAConfig", "apply_method", "check_world",
+           "collects_statistics", "extra_loss", "grows_block", "l2_penalty", "orthogonality_penalty"]
 
 METHODS = ("mora", "seq_lora", "olora", "moe_lora")
 # what ``mora-dist compare --methods`` accepts: every method, and variants as (method, overrides)
@@ -104,6 +104,15 @@ def apply_method(cfg: RunConfig) -> None:
         cfg.mora.gate = "none"
     else:  # moe_lora
         cfg.mora.gate, cfg.mora.router_top_k = "router", cfg.moe_lora.top_k
+
+
+def collects_statistics(cfg: RunConfig) -> bool:
+    """Whether a task's expert statistics are collected: for pruning, or for the usage telemetry of a gated bank.
+
+    An ungated bank with pruning off (``seq_lora``, ``olora``) uses every expert on every token: there is nothing
+    to decide and no usage to report, so its statistics stage is skipped rather than spent on forwards.
+    """
+    return cfg.prune.enabled or cfg.mora.gate != "none"
 
 
 def grows_block(cfg: RunConfig, index: int) -> bool:

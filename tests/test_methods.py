@@ -297,6 +297,57 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     again = _compare(cfg, "--methods", "mora,seq_lora")  # finished: nothing redone
     assert again.returncode == 0 and again.stdout.count("nothing to do") == 2
 
+    # an ungated bank without pruning collects no statistics (nothing to decide, every expert always used)
+    seq_state = json.loads((tmp_path / "run-seq_lora" / "state.json").read_text())["done"]
+    assert all("skipped" in d["info"] for d in seq_state if d["stage"].endswith("/stats"))
+    assert not list((tmp_path / "run-seq_lora").glob("stats/*.json")) and list((tmp_path / "run-mora").glob("stats/*"))
+    # the base model was evaluated once: seq_lora's base results are mora's, and the premise holds, since an
+    # independent base evaluation of the seq_lora run (its own model set-up, no copy) gives the same predictions
+    copied = json.loads((tmp_path / "run-seq_lora" / "eval" / "stage_00_base.json").read_text())
+    assert copied["config"]["base_results_from"] == str(tmp_path / "run-mora")
+    assert "base evaluation copied from" in proc.stdout
+    from mora_dist.compare import method_config
+    from mora_dist.run.orchestrator import Limits, run
+
+    own = method_config(cfg, [], "seq_lora")
+    own.run_dir = str(tmp_path / "own-seq_lora")
+    assert run(own, Limits(max_stages=1)) == 0
+    for name in ("stage_00_base.json", "stage_00_base.samples.json"):
+        a, b = (json.loads((tmp_path / d / "eval" / name).read_text()) for d in ("run-seq_lora", "own-seq_lora"))
+        if "config" in a:
+            a.pop("config"), b.pop("config"), a.pop("date", None), b.pop("date", None)
+        assert a == b, name
+
+
+def test_base_results_are_shared_only_when_every_setting_they_depend_on_is_equal(tmp_path):
+    from mora_dist.config import RunConfig, TaskConfig, dump_config, load_config
+    from mora_dist.run.shared_base import base_eval_key, reusable_base
+
+    source = tmp_path / "first"
+    source.mkdir()
+    (source / "config.yaml").write_text(dump_config(
+        RunConfig(run_dir=str(source), tasks=[TaskConfig(name="FOMC"), TaskConfig(name="NumGLUE-cm")])))
+    cfg = load_config(source / "config.yaml")
+    assert reusable_base(source, cfg) is None  # no state yet: the first run has not evaluated its base
+    (source / "state.json").write_text(json.dumps({"version": 1, "tasks": ["FOMC", "NumGLUE-cm"], "done": [
+        {"stage": "base/evaluate", "seconds": 1.0, "info": {"FOMC": 0.25, "NumGLUE-cm": 0.5}}]}))
+    ours = load_config(source / "config.yaml")
+    assert base_eval_key(ours) == base_eval_key(cfg)
+    # what the base model does not have yet: another method, adapter, training or pruning setting, run dir
+    for change in ("method=seq_lora", "mora.r_task=2", "train.lr=0.1", "prune.enabled=false", "run_dir=x"):
+        other = load_config(source / "config.yaml", [change])
+        assert reusable_base(source, other) == {"FOMC": 0.25, "NumGLUE-cm": 0.5}, change
+    other = load_config(source / "config.yaml")
+    other.tasks[0].epochs = 3
+    assert reusable_base(source, other) == {"FOMC": 0.25, "NumGLUE-cm": 0.5}
+    # what decides the base scores: not shared
+    for change in ("eval.max_examples=7", "eval.seed=3", "model.max_length=64", "model.dtype=bfloat16",
+                   "data.root=/elsewhere", "distributed.zero_stage=3"):
+        assert reusable_base(source, load_config(source / "config.yaml", [change])) is None, change
+    other = load_config(source / "config.yaml")
+    other.tasks[1].max_new_tokens = 2
+    assert reusable_base(source, other) is None
+
 
 def test_spread_over_seeds_and_seed_parsing():
     from mora_dist.compare import parse_seeds, spread

@@ -45,8 +45,10 @@ __all__ = ["EXIT_INTERRUPTED", "Limits", "Orchestrator", "StopRun", "run"]
 class Orchestrator:
     """One invocation of a run (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, limits: Limits | None = None, world: tuple[int, int] = (0, 1)):
+    def __init__(self, cfg: RunConfig, limits: Limits | None = None, world: tuple[int, int] = (0, 1),
+                 base_from: Path | None = None):
         self.cfg = cfg
+        self.base_from = base_from  # a run whose base evaluation this one may copy (run/shared_base.py)
         self.limits = limits or Limits()
         self.rank, self.world = world
         self.dir = RunDir(Path(cfg.run_dir))
@@ -79,7 +81,7 @@ class Orchestrator:
                 self.trainer.load_adapter(self.dir.adapter(index - 1, self.tasks[index - 1]))
         elif step in ("stats", "prune", "save"):  # stage_train starts from the newest checkpoint itself
             self.trainer.load_checkpoint(self.dir.ckpt(index, name))
-            if step == "save":  # the recorded decision was applied by the (completed) prune stage
+            if step == "save" and methods.collects_statistics(self.cfg):  # the prune stage applied the decision
                 self.trainer.prune(read_json(self.dir.stats(index, name))["decision"])
         elif step in ("evaluate", "report"):
             self.trainer.load_adapter(self.dir.adapter(index, name))
@@ -148,6 +150,8 @@ class Orchestrator:
         from mora_dist.mora.pruning import decide_pruning
 
         name = self.tasks[index]
+        if not methods.collects_statistics(self.cfg):
+            return {"skipped": "ungated bank with pruning off: nothing to measure"}
         encoded, _ = self._train_examples(index)
         batches = rank_stats_batches(encoded, self.rank, self.world, self.cfg.train.micro_batch_size,
                                      self.tok.pad_token_id, self.cfg.prune.max_examples)
@@ -165,6 +169,8 @@ class Orchestrator:
         return {"pruned": removed, "decision_hash": decision["hash"]}
 
     def stage_prune(self, index: int) -> dict:
+        if not methods.collects_statistics(self.cfg):
+            return {"removed": 0}
         decision = read_json(self.dir.stats(index, self.tasks[index]))["decision"]
         self.trainer.prune(decision)
         return {"removed": sum(len(v["remove"]) for v in decision["layers"].values())}
@@ -178,9 +184,19 @@ class Orchestrator:
         from mora_dist.evaluation.results import experts_from_stats, write_stage_results
         from mora_dist.evaluation.tasks import evaluate_tasks
 
+        if index is None and self.base_from is not None:
+            from mora_dist.run.shared_base import copy_base, reusable_base
+
+            info = reusable_base(self.base_from, self.cfg) if self.main else None
+            if any_rank(info is not None):  # rank 0 decides for all
+                if self.main:
+                    copy_base(self.base_from, self.dir.root)
+                    self.log(f"base evaluation copied from {self.base_from} (same model, data and settings)")
+                self.trainer.barrier()
+                return info or {}
         e = self.cfg.eval
-        # every seen task, plus the next one (its score before training it is what FWT needs)
-        seen = self.cfg.tasks if index is None else self.cfg.tasks[:index + 2]
+        # every seen task, plus the next one (its score before training it is what FWT needs) unless turned off
+        seen = self.cfg.tasks if index is None else self.cfg.tasks[:index + (2 if e.next_task else 1)]
         model = self.trainer.forward_model  # under ZeRO-3 an engine whose hooks gather parameters
         model = getattr(model, "module", model)
         model.eval()
@@ -277,14 +293,17 @@ class Orchestrator:
         return getattr(self, f"stage_{key.step}")(key.index)
 
 
-def run(cfg: RunConfig, limits: Limits | None = None) -> int:
-    """Run (or resume) ``cfg``'s stream in this process, which may be one worker of a distributed launch."""
+def run(cfg: RunConfig, limits: Limits | None = None, base_from: Path | None = None) -> int:
+    """Run (or resume) ``cfg``'s stream in this process, which may be one worker of a distributed launch.
+
+    ``base_from``: another run directory whose base evaluation to copy when it would be the same (``compare``).
+    """
     from mora_dist.distributed.env import init_distributed, shutdown
 
     rank, size, _ = init_distributed(cfg.distributed.backend)  # checks the launcher's variables first
     try:
         methods.check_world(cfg, size)
-        return Orchestrator(cfg, limits, (rank, size)).run()
+        return Orchestrator(cfg, limits, (rank, size), base_from).run()
     finally:
         if size > 1:
             shutdown()
