@@ -130,7 +130,8 @@ def _cmd_generate(args) -> int:
 
     model, tok = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     for prompt, answer in zip(args.prompt, generate(model, tok, args.prompt, args.max_new_tokens,
-                                                     chat_template=not args.plain)):
+                                                     chat_template=not args.plain,
+                                                     system_prompt=args.system_prompt)):
         print(f">>> {prompt}\n{answer}\n")
     return 0
 
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--plain", action="store_true", help="do not apply the chat template")
+    g.add_argument("--system-prompt", default=None,
+                   help="system turn of the chat template (the run's model.system_prompt; default: the template's)")
     g.add_argument("prompt", nargs="+")
     g.set_defaults(func=_cmd_generate)
 

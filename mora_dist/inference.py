@@ -25,8 +25,11 @@ def load_for_inference(model: str, adapter: str | os.PathLike | None = None, dty
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, chat_template: bool = True,
-             batch_size: int = 8) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded, length-sorted batches, KV cache), without special tokens."""
+             batch_size: int = 8, system_prompt: str | None = None) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded, length-sorted batches, KV cache), without special tokens.
+
+    ``system_prompt``: the system turn, as the adapter was trained with (``model.system_prompt``).
+    """
     outputs = generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             chat_template=chat_template, distributed=False)
+                             chat_template=chat_template, system_prompt=system_prompt, distributed=False)
     return [o.strip() for o in outputs]

@@ -25,6 +25,8 @@ class ModelConfig:
         trust_remote_code: allow code shipped with a model folder to run; off unless asked for.
         max_length: longest tokenised example (prompt + answer); longer prompts are cut from the left.
         chat_template: format prompts with the tokenizer's chat template (else plain ``prompt + answer``).
+        system_prompt: the system turn of the chat template, in training and in evaluation alike; null leaves the
+            template's own default (SmolLM2's inserts a 20-token one), ``""`` gives an empty system turn.
     """
 
     name: str = "smollm2-135m-instruct"
@@ -32,6 +34,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     max_length: int = 512
     chat_template: bool = True
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -206,6 +209,8 @@ class EvalConfig:
         general: general-capability suite: lm-eval task names (local ones: see ``mora_dist/evals/``); empty = none.
         general_limit: documents per general task (lm-eval's ``limit``); null = all.
         chat_template: format in-domain prompts with the chat template (as in training).
+        next_task: after each task, evaluate the next task too (its score before training on it, which forward
+            transfer FWT needs); false saves one task's evaluation per stage and leaves FWT undefined.
     """
 
     split: str = "test"
@@ -215,6 +220,7 @@ class EvalConfig:
     general: list[str] = field(default_factory=list)
     general_limit: int | None = 50
     chat_template: bool = True
+    next_task: bool = True
 
     def __post_init__(self):
         if self.split not in ("train", "eval", "test"):

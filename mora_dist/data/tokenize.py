@@ -27,16 +27,16 @@ class EncodeReport:
 
 def format_prompt(tok, prompt: str, chat_template: bool, system_prompt: str | None = None) -> str:
     """The prompt text the model sees, in training and in evaluation alike: one user turn of the tokenizer's chat
-    template with a generation prompt (after an optional system turn), or the prompt as is when the template is
-    off or the tokenizer has none."""
+    template with a generation prompt (after a system turn unless ``system_prompt`` is ``None``, which leaves the
+    template's default), or the prompt as is when the template is off or the tokenizer has none."""
     if not (chat_template and getattr(tok, "chat_template", None)):
         return prompt
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": prompt})
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_examples(tok, examples, max_length: int, chat_template: bool = True
+def encode_examples(tok, examples, max_length: int, chat_template: bool = True, system_prompt: str | None = None
                     ) -> tuple[list[dict], EncodeReport]:
     """Tokenise examples for training.
 
@@ -48,7 +48,8 @@ def encode_examples(tok, examples, max_length: int, chat_template: bool = True
     out = []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     for i, ex in enumerate(examples):
-        p_ids = tok(format_prompt(tok, ex["prompt"], chat_template), add_special_tokens=False)["input_ids"]
+        p_ids = tok(format_prompt(tok, ex["prompt"], chat_template, system_prompt),
+                    add_special_tokens=False)["input_ids"]
         a_ids = tok(ex["answer"], add_special_tokens=False)["input_ids"] + eos
         if len(a_ids) + 1 > max_length:
             report.skipped_long_answers += 1

@@ -20,5 +20,6 @@ def evaluate_tasks(model, tok, cfg, tasks, *, synced_gpus: bool = False) -> dict
         out[task.name] = evaluate_task(
             model, tok, examples, task.metric, task=task.name, max_new_tokens=task.max_new_tokens,
             batch_size=e.batch_size, limit=e.max_examples, seed=e.seed, chat_template=e.chat_template,
+            system_prompt=cfg.model.system_prompt,
             max_prompt_tokens=cfg.model.max_length, synced_gpus=synced_gpus)
     return out

@@ -64,7 +64,8 @@ def encode_train_examples(cfg, index: int, tok):
 
     task = cfg.tasks[index]
     examples = load_task_examples(task, cfg.data.root, "train", limit=cfg.train.max_examples, seed=cfg.train.seed)
-    encoded, report = encode_examples(tok, examples, cfg.model.max_length, cfg.model.chat_template)
+    encoded, report = encode_examples(tok, examples, cfg.model.max_length, cfg.model.chat_template,
+                                      cfg.model.system_prompt)
     if not encoded:
         raise ConfigError(f"task {task.name!r}: every training example is longer than model.max_length="
                           f"{cfg.model.max_length}; raise it")

