@@ -10,6 +10,8 @@ from mora_dist.base_model import (
     ModelSourceError, converted_dir, load_model, load_tokenizer, local_source, resolve_model,
 )
 
+pytestmark = pytest.mark.slow  # loads the real model three times
+
 TEXTS = ["What is the topic of the following paragraph? Option: Company, Artist", "  spaces\tand\nnewlines ünï"]
 
 
