@@ -13,6 +13,8 @@ that folder: the same weights, bit for bit, and the same tokenizer.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -151,8 +153,6 @@ def local_source(name_or_path: str | os.PathLike, trust_remote_code: bool = Fals
         return src
     if (target / _COMPLETE).is_file():
         return ModelSource(target)
-    import json
-
     if target.exists():  # renames are atomic and the marker goes in first: this folder was damaged since
         shutil.rmtree(target, ignore_errors=True)
     try:
@@ -174,6 +174,13 @@ def local_source(name_or_path: str | os.PathLike, trust_remote_code: bool = Fals
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ModelSource(target) if (target / _COMPLETE).is_file() else src
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward (a DeepSpeed engine's module's) can project only some positions onto the
+    vocabulary (transformers' ``logits_to_keep``)."""
+    bare = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(bare.forward).parameters
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):

@@ -13,7 +13,6 @@ schedules and reduces gradients itself).
 from __future__ import annotations
 
 import abc
-import inspect
 import time
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -21,6 +20,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mora_dist.base_model import takes_logits_to_keep
 from mora_dist.data.grouping import batch_order
 from mora_dist.data.tokenize import IGNORE, collate
 from mora_dist.distributed import bank
@@ -53,8 +53,7 @@ def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     long prompts that projection (the largest matrix of a small model) was a fifth of the forward's work and its
     largest activation. Models whose forward has no ``logits_to_keep`` get the ordinary ``labels`` loss.
     """
-    bare = getattr(model, "module", model)  # a DeepSpeed engine forwards keyword arguments to its module
-    if "logits_to_keep" not in inspect.signature(bare.forward).parameters:
+    if not takes_logits_to_keep(model):  # a DeepSpeed engine forwards keyword arguments to its module
         return model(**batch).loss
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)

@@ -16,7 +16,6 @@ docs/design.md, Pruning and Distribution. Needs only ``torch.distributed``.
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Callable, Iterable
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mora_dist.base_model import takes_logits_to_keep
 from mora_dist.distributed.bank import is_partitioned
 from mora_dist.distributed.env import world_size
 from mora_dist.mora import mora_layers
@@ -59,7 +59,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     """
     bare = _bare(model)
     extra = {}
-    if forward is None and "logits_to_keep" in inspect.signature(bare.forward).parameters:
+    if forward is None and takes_logits_to_keep(bare):
         extra["logits_to_keep"] = 1  # the statistics come from the MoRA layers: no vocabulary projection needed
     forward = forward or model
     layers = mora_layers(bare)
