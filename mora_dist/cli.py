@@ -89,6 +89,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_routing(args) -> int:
+    from mora_dist.evaluation.routing import measure_run, write_routing
+
+    result = measure_run(args.run_dir, examples=args.examples, batch_size=args.batch_size, final_only=args.final)
+    out = args.output or f"{args.run_dir}/routing"
+    write_routing(result, out)
+    for row in result["separation"]["mass"]:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(f"{row['stage']}: new block's share of the output on its own task {row['own']:.3f}, on earlier tasks "
+              f"{row['earlier']:.3f} (ratio {ratio})")
+    print(f"routing written to {out}/routing.md")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -188,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     _bootstrap_options(rp)
     rp.set_defaults(func=_cmd_report)
+
+    ro = sub.add_parser("routing", help="how each stage's gate routes every seen task's evaluation prompts over "
+                                        "the blocks (task separation), written to RUN_DIR/routing/")
+    ro.add_argument("run_dir")
+    ro.add_argument("--examples", type=int, default=20, help="stored evaluation prompts per task")
+    ro.add_argument("--batch-size", type=int, default=8)
+    ro.add_argument("--final", action="store_true", help="only the last stage's adapter")
+    ro.add_argument("--output", default=None, help="output folder (default: RUN_DIR/routing)")
+    ro.set_defaults(func=_cmd_routing)
 
     e = sub.add_parser("eval", help="evaluate a model (plus an adapter) on a config's tasks and/or a general suite")
     e.add_argument("--config", default=None, help="run config whose tasks and eval settings to use")

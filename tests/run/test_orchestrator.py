@@ -223,3 +223,26 @@ def test_general_suite_reaches_the_report(tiny_model_dir, tmp_path):
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["general"]["names"] == ["local_arc_easy"] and len(report["general"]["matrix"]) == 2
     assert (run_dir / "report" / "general_curves.png").is_file()
+
+
+def test_routing_of_every_stage(reference, tmp_path):
+    """``mora-dist routing`` on a finished run: every stage adapter on every seen task's stored prompts."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    proc = subprocess.run([sys.executable, "-m", "mora_dist", "routing", str(run_dir), "--examples", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    routing = json.loads((run_dir / "routing" / "routing.json").read_text())
+    assert [s["stage"] for s in routing["stages"]] == ["00-FOMC", "01-NumGLUE-cm"]
+    first, last = routing["stages"]
+    assert list(first["tasks"]) == ["FOMC"] and first["tasks"]["FOMC"]["weight"] == [1.0]  # one block: all of it
+    assert list(last["tasks"]) == TASKS and last["blocks"] == TASKS
+    for shares in last["tasks"].values():
+        for key in ("weight", "mass"):
+            assert len(shares[key]) == 2 and sum(shares[key]) == pytest.approx(1.0)
+    (row,) = routing["separation"]["mass"]
+    assert row["own"] == last["tasks"]["NumGLUE-cm"]["mass"][1] and row["earlier"] == last["tasks"]["FOMC"]["mass"][1]
+    assert (run_dir / "routing" / "routing.png").is_file() and "## Separation" in (run_dir / "routing" /
+                                                                                     "routing.md").read_text()
