@@ -108,16 +108,46 @@ def cache_root() -> Path | None:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "mora_dist" / "models"
 
 
+def file_fingerprint(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A content key of a (large) file: its size and the SHA-256 of ``samples`` chunks spread evenly over it,
+    first and last included. Unlike a modification time it survives a reinstall of the same file; unlike a
+    full hash it reads at most ``samples × chunk`` bytes (1 MiB) of a 40 GB model."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // (samples - 1))
+            digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
+
+
 def converted_dir(src: ModelSource) -> Path | None:
-    """The cache folder for a GGUF source (``None`` for a Hugging Face folder or with the cache off)."""
+    """The cache folder for a GGUF source (``None`` for a Hugging Face folder or with the cache off), keyed by the
+    file's name and content fingerprint and the transformers version that converts it."""
     root = cache_root()
     if src.gguf_file is None or root is None:
         return None
     import transformers
 
     gguf = src.directory / src.gguf_file
-    st = gguf.stat()
-    return root / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    return root / f"{gguf.stem}-{file_fingerprint(gguf)}-transformers{transformers.__version__}"
+
+
+def _drop_stale_conversions(target: Path, gguf: Path) -> None:
+    """Remove other cache folders converted from the same GGUF path: that file has changed since, or another
+    transformers version converted it, so nothing loading from this path reads them any more (a folder another
+    installation still uses is converted again there on its next load)."""
+    for other in target.parent.iterdir():
+        if other == target or other.name.startswith(".") or not (other / _COMPLETE).is_file():
+            continue
+        try:
+            same = json.loads((other / _COMPLETE).read_text()).get("gguf") == str(gguf)
+        except (OSError, ValueError):
+            continue
+        if same:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _from_gguf(src: ModelSource, trust_remote_code: bool):
@@ -169,6 +199,8 @@ def local_source(name_or_path: str | os.PathLike, trust_remote_code: bool = Fals
             os.rename(tmp, target)
         except OSError:  # another process finished first
             pass
+        else:
+            _drop_stale_conversions(target, src.directory / src.gguf_file)
     except OSError:
         return src
     finally:

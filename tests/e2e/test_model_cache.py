@@ -10,7 +10,6 @@ from mora_dist.base_model import (
     ModelSourceError, converted_dir, load_model, load_tokenizer, local_source, resolve_model,
 )
 
-pytestmark = pytest.mark.slow  # loads the real model three times
 
 TEXTS = ["What is the topic of the following paragraph? Option: Company, Artist", "  spaces\tand\nnewlines ünï"]
 
@@ -20,6 +19,7 @@ def _direct(monkeypatch):
     return load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct")
 
 
+@pytest.mark.slow  # loads the real model three times
 def test_cached_gguf_conversion_is_the_direct_load(tmp_path, monkeypatch):
     try:
         src = resolve_model("smollm2-135m-instruct")
@@ -51,7 +51,37 @@ def test_cached_gguf_conversion_is_the_direct_load(tmp_path, monkeypatch):
     assert (tok1.pad_token_id, tok1.eos_token_id, tok1.padding_side) == (tok0.pad_token_id, tok0.eos_token_id,
                                                                          tok0.padding_side)
 
-    # a folder without its completion marker (a crash while writing) is not used but written again
+    # a folder without its completion marker (a crash while writing) is not used but written again; writing it
+    # removes the folders converted earlier from the same file (another content or transformers version)
+    import json
+
+    for name, gguf in (("stale", src.directory / src.gguf_file), ("other", tmp_path / "other.gguf")):
+        (target.parent / name).mkdir()
+        (target.parent / name / "converted.json").write_text(json.dumps({"gguf": str(gguf)}))
     (target / "converted.json").unlink()
     assert local_source("smollm2-135m-instruct").directory == target
     assert (target / "converted.json").is_file()
+    assert not (target.parent / "stale").exists() and (target.parent / "other").is_dir()
+
+
+def test_cache_key_follows_content_not_modification_time(tmp_path, monkeypatch):
+    """A reinstalled copy of the same file (new mtime) maps to the same folder; other content to another."""
+    import os
+
+    from mora_dist.base_model import ModelSource, file_fingerprint
+
+    monkeypatch.setenv("MORA_MODEL_CACHE", str(tmp_path / "cache"))
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a" / "m.gguf").write_bytes(data)
+    (tmp_path / "b" / "m.gguf").write_bytes(data)
+    os.utime(tmp_path / "b" / "m.gguf", ns=(1, 1))
+    changed = bytearray(data)
+    changed[100] ^= 1  # one bit inside the first sampled chunk
+    (tmp_path / "c" / "m.gguf").write_bytes(bytes(changed))
+    keys = [converted_dir(ModelSource(tmp_path / n, "m.gguf")) for n in ("a", "b", "c")]
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    assert file_fingerprint(tmp_path / "a" / "m.gguf") != file_fingerprint(tmp_path / "c" / "m.gguf")
+    (tmp_path / "d.gguf").write_bytes(b"short")  # smaller than one chunk
+    assert len(file_fingerprint(tmp_path / "d.gguf")) == 16
