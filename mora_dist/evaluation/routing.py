@@ -100,8 +100,10 @@ def stored_prompts(run_dir: Path) -> dict[str, list[str]]:
     """The evaluation prompts of every task, from the latest stage's stored predictions."""
     files = sorted((run_dir / "eval").glob("stage_*.samples.json"), key=lambda p: _stage_index(p.name))
     if not files:
-        raise FileNotFoundError(f"{run_dir / 'eval'}: no stored predictions (stage_*.samples.json); evaluate the "
-                                "run first (mora-dist run)")
+        from mora_dist.run.state import RunStateError
+
+        raise RunStateError(f"{run_dir / 'eval'}: no stored predictions (stage_*.samples.json); run the stream "
+                            "first (mora-dist run)")
     prompts: dict[str, list[str]] = {}
     for f in files:  # later stages overwrite: the newest file holds every task seen by then
         for task, samples in json.loads(f.read_text()).items():
@@ -133,22 +135,26 @@ def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: i
     """Routing of every stage adapter of ``run_dir`` (or only the last) on every seen task's stored prompts.
 
     Raises:
-        FileNotFoundError: no adapters or no stored predictions in ``run_dir``.
-        ValueError: the run's gate is not self-activated or a router (``gate: none`` has no routing).
+        RunStateError: not a run directory, or no stage adapters or stored predictions in it yet.
+        ConfigError: the run's gate is ``none`` (seq_lora, olora): there is no routing to measure.
     """
-    from mora_dist.config import load_config
+    from mora_dist.config import ConfigError, load_config
     from mora_dist.inference import load_for_inference
     from mora_dist.mora import load_adapter
 
+    from mora_dist.run.state import RunStateError
+
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunStateError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.mora.gate == "none":
-        raise ValueError(f"{run_dir / 'config.yaml'}: mora.gate is 'none' (method {cfg.method}): every block takes "
+        raise ConfigError(f"{run_dir / 'config.yaml'}: mora.gate is 'none' (method {cfg.method}): every block takes "
                          "part on every token, there is no routing to measure")
     adapters = sorted(p for p in (run_dir / "adapters").glob("*") if (p / "adapter.json").is_file()) \
         if (run_dir / "adapters").is_dir() else []
     if not adapters:
-        raise FileNotFoundError(f"{run_dir / 'adapters'}: no stage adapters; run the stream first")
+        raise RunStateError(f"{run_dir / 'adapters'}: no stage adapters yet; run the stream first (mora-dist run)")
     if final_only:
         adapters = adapters[-1:]
     prompts = stored_prompts(run_dir)

@@ -81,3 +81,22 @@ def test_separation_ratio_by_hand():
     assert [r["stage"] for r in rows] == ["01-b", "02-c"]
     assert rows[0]["own"] == 0.6 and rows[0]["earlier"] == pytest.approx(0.2) and rows[0]["ratio"] == pytest.approx(3.0)
     assert rows[1]["earlier"] == pytest.approx(0.3) and rows[1]["ratio"] == pytest.approx(2.0)
+
+
+def test_run_directories_it_cannot_measure(tiny_model_dir, tmp_path):
+    """One clear error each: not a run directory, an ungated method, a run with no stage adapter yet."""
+    from mora_dist.config import ConfigError
+    from mora_dist.evaluation.routing import measure_run
+    from mora_dist.run.state import RunStateError
+    from tests.support.runs import write_config
+
+    with pytest.raises(RunStateError, match="not a run directory"):
+        measure_run(tmp_path / "nothing")
+    for method, error, match in (("seq_lora", ConfigError, "mora.gate is 'none'"),
+                                 ("mora", RunStateError, "no stage adapters")):
+        run_dir = tmp_path / method
+        run_dir.mkdir()
+        cfg = write_config(tmp_path, tiny_model_dir, run_dir, method=method)
+        (run_dir / "config.yaml").write_text(cfg.read_text())
+        with pytest.raises(error, match=match):
+            measure_run(run_dir)
