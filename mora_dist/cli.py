@@ -92,8 +92,9 @@ def _cmd_report(args) -> int:
 def _cmd_routing(args) -> int:
     from mora_dist.evaluation.routing import measure_run, write_routing
 
-    result = measure_run(args.run_dir, examples=args.examples, batch_size=args.batch_size, final_only=args.final)
-    out = args.output or f"{args.run_dir}/routing"
+    result = measure_run(args.run_dir, examples=args.examples, batch_size=args.batch_size, final_only=args.final,
+                         tokens=args.tokens)
+    out = args.output or f"{args.run_dir}/routing" + ("" if args.tokens == "all" else "-last")
     write_routing(result, out)
     for row in result["separation"]["mass"]:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
@@ -209,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--examples", type=int, default=20, help="stored evaluation prompts per task")
     ro.add_argument("--batch-size", type=int, default=8)
     ro.add_argument("--final", action="store_true", help="only the last stage's adapter")
-    ro.add_argument("--output", default=None, help="output folder (default: RUN_DIR/routing)")
+    ro.add_argument("--tokens", choices=("all", "last"), default="all",
+                    help="count every prompt token, or only each prompt's last (where the answer starts)")
+    ro.add_argument("--output", default=None, help="output folder (default: RUN_DIR/routing, or RUN_DIR/"
+                                                   "routing-last with --tokens last)")
     ro.set_defaults(func=_cmd_routing)
 
     e = sub.add_parser("eval", help="evaluate a model (plus an adapter) on a config's tasks and/or a general suite")

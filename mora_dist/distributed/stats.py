@@ -44,7 +44,8 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     Args:
         model: the model with MoRA layers, or a DeepSpeed engine (then its forward is used, which under
             ZeRO-3 gathers parameters).
-        batches: this worker's share of the data: dicts with ``input_ids`` and ``attention_mask``.
+        batches: this worker's share of the data: dicts with ``input_ids`` and ``attention_mask``, optionally
+            ``stats_mask`` (same shape): count only those tokens (default: the attention mask's).
         forward: called as ``forward(input_ids=..., attention_mask=...)``; default ``model``.
         check_lockstep: under ZeRO-3 first check that every worker has the same number of batches (a mismatch
             would deadlock in the parameter gathers); raises ``ValueError`` on every worker instead.
@@ -79,7 +80,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
         for batch in batches:
             mask = batch["attention_mask"]
             for layer in layers.values():
-                layer.stats_token_mask = mask
+                layer.stats_token_mask = batch.get("stats_mask", mask)
             device = next(iter(layers.values())).mora_scale.device
             forward(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), **extra)
         local = {name: layer.stop_stats() for name, layer in layers.items()}

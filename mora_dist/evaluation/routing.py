@@ -73,10 +73,11 @@ def block_shares(model: nn.Module, batches: Iterable[dict]) -> dict:
 
 
 def prompt_batches(tok, prompts: Sequence[str], *, chat_template: bool, system_prompt: str | None,
-                   max_length: int, batch_size: int = 8) -> list[dict]:
+                   max_length: int, batch_size: int = 8, last_token: bool = False) -> list[dict]:
     """Batches of formatted prompts as evaluation feeds them (cut from the left to ``max_length``), padded on the
     right: under the causal mask every prompt token then sees exactly what it sees unpadded, at the same
-    positions, and the padding (masked out of the statistics) comes after it."""
+    positions, and the padding (masked out of the statistics) comes after it. ``last_token``: count only each
+    prompt's last token, the position whose output is the first answer token (``stats_mask``)."""
     from mora_dist.data.tokenize import format_prompt
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -86,8 +87,12 @@ def prompt_batches(tok, prompts: Sequence[str], *, chat_template: bool, system_p
                    add_special_tokens=not chat_template)["input_ids"][-max_length:]
                for p in prompts[i:i + batch_size]]
         width = max(len(ids) for ids in enc)
-        out.append({"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in enc]),
-                    "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in enc])})
+        batch = {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in enc]),
+                 "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in enc])}
+        if last_token:
+            batch["stats_mask"] = torch.tensor([[0] * (len(ids) - 1) + [1] + [0] * (width - len(ids))
+                                                for ids in enc])
+        out.append(batch)
     return out
 
 
@@ -131,8 +136,9 @@ def separation(stages: Sequence[dict], key: str = "mass") -> list[dict]:
 
 
 def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: int = 8,
-                final_only: bool = False) -> dict:
-    """Routing of every stage adapter of ``run_dir`` (or only the last) on every seen task's stored prompts.
+                final_only: bool = False, tokens: str = "all") -> dict:
+    """Routing of every stage adapter of ``run_dir`` (or only the last) on every seen task's stored prompts, over
+    all their tokens (``tokens="all"``) or only each prompt's last one (``"last"``: where the answer starts).
 
     Raises:
         RunStateError: not a run directory, or no stage adapters or stored predictions in it yet.
@@ -144,6 +150,8 @@ def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: i
 
     from mora_dist.run.state import RunStateError
 
+    if tokens not in ("all", "last"):
+        raise ValueError(f"tokens={tokens!r}: choose 'all' or 'last'")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunStateError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -162,7 +170,7 @@ def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: i
                                     trust_remote_code=cfg.model.trust_remote_code)
     batches = {task: prompt_batches(tok, p[:examples], chat_template=cfg.model.chat_template,
                                     system_prompt=cfg.model.system_prompt, max_length=cfg.model.max_length,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, last_token=tokens == "last")
                for task, p in prompts.items() if p}
     stages = []
     with torch.no_grad():
@@ -175,7 +183,7 @@ def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: i
             for task in seen:
                 stage["tasks"][task] = block_shares(model, batches[task])
             stages.append(stage)
-    return {"run_dir": str(run_dir), "method": cfg.method, "examples": examples,
+    return {"run_dir": str(run_dir), "method": cfg.method, "examples": examples, "tokens": tokens,
             "gate": {"gate": cfg.mora.gate, "k": cfg.mora.k, "tau": cfg.mora.tau, "delta": cfg.mora.delta},
             "stages": stages, "separation": {key: separation(stages, key) for key in SHARES}}
 
@@ -187,7 +195,9 @@ def render_markdown(result: dict) -> str:
     g = result["gate"]
     lines = [f"# Routing: {Path(result['run_dir']).name}", "",
              f"Gate `{g['gate']}` (k={g['k']}, tau={g['tau']}, delta={g['delta']}), at inference, on the first "
-             f"{result['examples']} stored evaluation prompts of every task seen by each stage. Cells: each block's "
+             f"{result['examples']} stored evaluation prompts of every task seen by each stage ("
+             + ("all their tokens" if result.get("tokens", "all") == "all" else
+                "only each prompt's last token, where the answer starts") + "). Cells: each block's "
              "share of the gate weight / of the contribution mass Σ|w z|·‖B‖ (what the block adds to the layer "
              "outputs), averaged over the adapted layers. A gate that separates tasks puts each task's share "
              "on its own block.", ""]

@@ -100,3 +100,38 @@ def test_run_directories_it_cannot_measure(tiny_model_dir, tmp_path):
         (run_dir / "config.yaml").write_text(cfg.read_text())
         with pytest.raises(error, match=match):
             measure_run(run_dir)
+
+
+def test_last_token_counts_one_token_per_prompt(tiny_llama):
+    """``stats_mask`` restricts the sums to the marked tokens: one per prompt, the same shares as a forward of
+    each prompt whose other tokens are masked out of the statistics by hand."""
+    model = _two_blocks(tiny_llama, seed=5)
+    batch = _batch(PROMPTS)
+    batch["stats_mask"] = torch.zeros_like(batch["attention_mask"])
+    for row, p in enumerate(PROMPTS):
+        batch["stats_mask"][row, len(p) - 1] = 1
+    last = block_shares(model, [batch])
+    assert last["tokens"] == len(PROMPTS)
+    alone = []
+    for p in PROMPTS:
+        b = _batch([p])
+        b["stats_mask"] = torch.zeros_like(b["attention_mask"])
+        b["stats_mask"][0, -1] = 1
+        alone.append(b)
+    assert block_shares(model, alone)["mass"] == pytest.approx(last["mass"], rel=1e-6)
+    assert block_shares(model, [_batch(PROMPTS)])["mass"] != pytest.approx(last["mass"], rel=1e-3)
+
+
+def test_prompt_batches_pad_right_and_mark_the_last_token():
+    from mora_dist.evaluation.routing import prompt_batches
+    from tests.support import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    (batch,) = prompt_batches(tok, ["abc", "abcdef"], chat_template=False, system_prompt=None, max_length=5,
+                              last_token=True)
+    lengths = [len(tok("abc")["input_ids"]), min(5, len(tok("abcdef")["input_ids"]))]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert batch["stats_mask"][row].nonzero().flatten().tolist() == [n - 1]
+    assert batch["input_ids"][1].tolist() == tok("abcdef")["input_ids"][-5:]  # cut from the left
