@@ -12,7 +12,8 @@ Everything method-specific lives here: the settings a method implies (``apply_me
 ``RunConfig`` is built), the baselines' own settings (``OLoRAConfig``, ``MoELoRAConfig``), the variants the
 comparison runs besides the methods (``VARIANTS``: ``mora_noprune``), whether a task grows a block
 (``grows_block``), whether statistics are collected (``collects_statistics``), the loss added to the task loss
-(``extra_loss``), and which world sizes a method supports (``check_world``). Pruning is off for every baseline. The gates themselves are computed in ``mora_dist.mora.gate``.
+(``extra_loss``), and which world sizes a method supports (``check_world``). Pruning is off for every baseline.
+The gates themselves are computed in ``mora_dist.mora.gate``.
 """
 
 from __future__ import annotations

@@ -172,6 +172,14 @@ def statistics_record(stats: dict, decision: dict | None = None, task: str | Non
     return {"task": task, "world_size": stats.get("world_size", 1), "layers": layers, "decision": decision}
 
 
+def layer_block_shares(layer: dict, field: str) -> list[float]:
+    """Each block's share of ``field`` (``weight_sum``: gate weight, or ``mass``: contribution mass) in one layer
+    of a statistics record (``statistics_record``); all zeros where the layer's sum is zero."""
+    sums = [sum(b[field]) for b in layer["blocks"]]
+    total = sum(sums) or 1.0
+    return [s / total for s in sums]
+
+
 def expert_summary(record: dict) -> dict:
     """The report's view of a statistics record (``statistics_record``): per layer group (q_proj, ...),
     averaged over layers, each block's share of the gate weight on the task's data (``usage``) and that share
@@ -181,8 +189,7 @@ def expert_summary(record: dict) -> dict:
     per_expert: dict[str, list[list[float]]] = {}
     for lname, layer in record["layers"].items():
         group = lname.rsplit(".", 1)[-1]
-        total = sum(sum(b["weight_sum"]) for b in layer["blocks"]) or 1.0
-        shares = [sum(b["weight_sum"]) / total for b in layer["blocks"]]
+        shares = layer_block_shares(layer, "weight_sum")
         usage.setdefault(group, []).append(shares)
         per_expert.setdefault(group, []).append([sh / b["size"] if b["size"] else 0.0
                                                  for sh, b in zip(shares, layer["blocks"])])

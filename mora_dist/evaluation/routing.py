@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from mora_dist.distributed.stats import collect_statistics
+from mora_dist.distributed.stats import collect_statistics, layer_block_shares, statistics_record
 
 SHARES = ("weight", "mass")
 
@@ -44,32 +44,28 @@ def block_shares(model: nn.Module, batches: Iterable[dict]) -> dict:
         ``{"blocks": [names], "weight": [share per block], "mass": [...], "groups": {q_proj: {"weight": [...],
         "mass": [...]}, ...}, "tokens": n}``; each share list sums to 1 (all zeros where nothing was selected).
     """
-    stats = collect_statistics(model, batches, check_lockstep=False, min_keep=None)["layers"]
-    if not stats:
+    layers = statistics_record(collect_statistics(model, batches, check_lockstep=False, min_keep=None))["layers"]
+    if not layers:
         raise ValueError("the model has no MoRA layers")
     per_group: dict[str, dict[str, list[list[float]]]] = {}
     names = None
-    for lname, e in stats.items():
+    for lname, layer in layers.items():
+        blocks = [b["name"] for b in layer["blocks"]]
         if names is None:
-            names = e["block_names"]
-        elif e["block_names"] != names:
-            raise ValueError(f"{lname}: blocks {e['block_names']} differ from other layers' {names}")
+            names = blocks
+        elif blocks != names:
+            raise ValueError(f"{lname}: blocks {blocks} differ from other layers' {names}")
         group = per_group.setdefault(lname.rsplit(".", 1)[-1], {key: [] for key in SHARES})
-        for key, values in (("weight", e["weight_sum"]), ("mass", e["mass"])):
-            sums, start = [], 0
-            for size in e["block_sizes"]:
-                sums.append(float(values[start:start + size].sum()))
-                start += size
-            total = sum(sums)
-            group[key].append([s / total if total > 0 else 0.0 for s in sums])
+        for key, field in (("weight", "weight_sum"), ("mass", "mass")):
+            group[key].append(layer_block_shares(layer, field))
 
     def mean(rows: list[list[float]]) -> list[float]:
         return [sum(col) / len(rows) for col in zip(*rows)]
 
     groups = {g: {key: mean(v[key]) for key in SHARES} for g, v in per_group.items()}
     every = {key: [row for v in per_group.values() for row in v[key]] for key in SHARES}
-    return {"blocks": list(names), **{key: mean(every[key]) for key in SHARES}, "groups": groups,
-            "tokens": next(iter(stats.values()))["tokens"]}
+    return {"blocks": names, **{key: mean(every[key]) for key in SHARES}, "groups": groups,
+            "tokens": next(iter(layers.values()))["tokens"]}
 
 
 def prompt_batches(tok, prompts: Sequence[str], *, chat_template: bool, system_prompt: str | None,
@@ -102,18 +98,15 @@ def _stage_index(name: str) -> int:
 
 
 def stored_prompts(run_dir: Path) -> dict[str, list[str]]:
-    """The evaluation prompts of every task, from the latest stage's stored predictions."""
+    """The evaluation prompts of every task seen so far, from the latest stage's stored predictions (every stage
+    evaluates all tasks seen by then on the same examples)."""
     files = sorted((run_dir / "eval").glob("stage_*.samples.json"), key=lambda p: _stage_index(p.name))
     if not files:
         from mora_dist.run.state import RunStateError
 
         raise RunStateError(f"{run_dir / 'eval'}: no stored predictions (stage_*.samples.json); run the stream "
                             "first (mora-dist run)")
-    prompts: dict[str, list[str]] = {}
-    for f in files:  # later stages overwrite: the newest file holds every task seen by then
-        for task, samples in json.loads(f.read_text()).items():
-            prompts[task] = [s["prompt"] for s in samples]
-    return prompts
+    return {task: [s["prompt"] for s in samples] for task, samples in json.loads(files[-1].read_text()).items()}
 
 
 def separation(stages: Sequence[dict], key: str = "mass") -> list[dict]:
@@ -147,7 +140,6 @@ def measure_run(run_dir: str | os.PathLike, *, examples: int = 20, batch_size: i
     from mora_dist.config import ConfigError, load_config
     from mora_dist.inference import load_for_inference
     from mora_dist.mora import load_adapter
-
     from mora_dist.run.state import RunStateError
 
     if tokens not in ("all", "last"):
