@@ -172,6 +172,7 @@ def collect_run(run_dir: Path) -> dict:
         "tasks": tasks,
         "metrics": {k: report["metrics"].get(k) for k in METRICS},
         "LA_per_task": report["metrics"].get("LA_per_task") or {},
+        "answers": report.get("answers") or {"available": False, "tasks": {}},
         "final_scores": dict(zip(tasks, report["matrix"][-1])),
         "metric_names": report.get("metric_names", {}),
         "general_change": sum(change) / len(change) if change else None,

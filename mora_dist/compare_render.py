@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mora_dist.evaluation.answers import not_beyond_constant
 from mora_dist.evaluation.forgetting import METRIC_NAMES
 
 SIGNED = ("BWT", "FWT")
@@ -88,6 +89,24 @@ def _intervals_section(comp: dict) -> list[str]:
     return out
 
 
+def _constant_answers(comp: dict) -> list[str]:
+    """Which (method, task) scored right after training no better than one answer given to every prompt."""
+    if "seeds" in comp:
+        runs = {f"{m} (seed {seed})": r for m, sr in comp["seed_runs"].items() for seed, r in sr.items()}
+    else:
+        runs = comp["runs"]
+    flat = {m: not_beyond_constant(r.get("answers") or {}) for m, r in runs.items()}
+    flat = {m: tasks for m, tasks in flat.items() if tasks}
+    if not any((r.get("answers") or {}).get("available") for r in runs.values()):
+        return []
+    if not flat:
+        return ["", "Every label task scored, right after training, above the best single answer given to every "
+                    "prompt (the constant-answer check of each run's report)."]
+    return ["", "**Not learned beyond a constant answer** (the score right after training does not exceed that of "
+                "the best single answer given to every prompt; see the constant-answer check of each run's "
+                "report): " + "; ".join(f"{m}: {', '.join(t)}" for m, t in flat.items()) + "."]
+
+
 def render_markdown(comp: dict) -> str:
     """``compare.md``: metrics (over seeds), intervals, differences, learning accuracy, cost, settings, samples."""
     runs, cells = _views(comp)
@@ -117,6 +136,7 @@ def render_markdown(comp: dict) -> str:
     else:
         out += table(["method"] + tasks, [[m] + [fmt(r["LA_per_task"].get(t)) for t in tasks]
                                           for m, r in runs.items()])
+    out += _constant_answers(comp)
     out += ["", "## Cost", ""] + (["Times of the first seed's run.", ""] if multi else [])
     out += table(["method", "trainable params / task", "adapter params", "active params / token", "train s",
                   "total s", "pruning"],

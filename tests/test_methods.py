@@ -276,6 +276,12 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     # learning accuracy beside the other metrics, and paired bootstrap intervals of every metric and difference
     for name, run in comp["runs"].items():
         assert run["metrics"]["LA"] == pytest.approx(sum(run["LA_per_task"].values()) / 2)
+        # the constant-answer check covers the label task (FOMC), not the number task, and compare.md names the
+        # runs whose score right after training does not beat one answer given to every prompt
+        check = run["answers"]["tasks"]
+        assert list(check) == ["FOMC"] and check["FOMC"]["score"] == pytest.approx(run["LA_per_task"]["FOMC"])
+        flat = check["FOMC"]["score"] <= check["FOMC"]["constant_answer_score"]
+        assert (f"{name}: FOMC" in md) == flat
     ints = comp["intervals"]
     assert ints["available"] and ints["reference"] == "mora" and ints["examples"] == {"FOMC": 4, "NumGLUE-cm": 4}
     for key in ("AP", "BWT", "forgetting", "LA", "FWT"):
@@ -398,6 +404,9 @@ def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_d
     md = (tmp_path / "run-compare" / "compare.md").read_text()
     assert "## Per seed" in md and md.count("| mora | 0 |") == 2 and md.count("| seq_lora | 1 |") == 2
     assert "Mean ± standard deviation over the 2 seeds" in md and "of the mean over seeds" in md
+    flat = [f"{m} (seed {seed}): FOMC" for m, sr in comp["seed_runs"].items() for seed, r in sr.items()
+            if not r["answers"]["tasks"]["FOMC"]["beyond_constant"]]
+    assert all(f in md for f in flat) and (bool(flat) == ("Not learned beyond a constant answer" in md))
     capsys.readouterr()
     assert main(args) == 0  # every run finished: nothing redone
     assert capsys.readouterr().out.count("nothing to do") == 4

@@ -23,7 +23,9 @@ Input of ``build_report`` (plain JSON-able data, or a run directory, see below):
 Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with ``LA_per_task`` and
 ``conventions``, ``intervals`` (bootstrap confidence intervals of every metric, see ``bootstrap``; available when
 built from a run directory whose evaluations stored per-example scores), ``general`` {``names``, ``matrix``,
-``change_from_base``}, ``experts``), ``report.md`` (the same tables, readable alone) and
+``change_from_base``}, ``experts``, ``answers`` (built from a run directory: the constant-answer check of
+``answers``, whether each label task's score right after training beats one answer given to every prompt)),
+``report.md`` (the same tables, readable alone) and
 figures ``accuracy_matrix.png``, ``task_curves.png``, ``general_curves.png`` (when general scores exist) and
 ``expert_usage_<group>.png`` per layer group (when usage data exist: the share of gate weight per block and,
 beside it, the mean weight per expert of the block), and ``loss_curves.png`` (the training loss per step, a panel
@@ -44,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mora_dist.evaluation.answers import answer_checks, not_beyond_constant
 from mora_dist.evaluation.bootstrap import BootstrapSettings, run_intervals
 from mora_dist.evaluation.forgetting import FORGETTING_CONVENTIONS, forgetting_metrics, learning_accuracy_per_task
 from mora_dist.evaluation.results import read_stage_results
@@ -99,8 +102,10 @@ def _change(matrix: list[Row]) -> list[Row]:
     return [[None if v is None or b is None else v - b for v, b in zip(row, base)] for row in matrix]
 
 
-def compute_report(data: Mapping[str, Any], intervals: Mapping[str, Any] | None = None) -> dict:
-    """The ``report.json`` content for ``data`` (see the module docstring) and the metrics' ``intervals``."""
+def compute_report(data: Mapping[str, Any], intervals: Mapping[str, Any] | None = None,
+                   answers: Mapping[str, Any] | None = None) -> dict:
+    """The ``report.json`` content for ``data`` (see the module docstring), the metrics' ``intervals`` and the
+    constant-answer ``answers`` check (``answers.answer_checks``)."""
     d = normalize_input(data)
     metrics: dict[str, Any] = forgetting_metrics(d["matrix"])
     metrics["LA_per_task"] = dict(zip(d["tasks"], learning_accuracy_per_task(d["matrix"])))
@@ -111,7 +116,9 @@ def compute_report(data: Mapping[str, Any], intervals: Mapping[str, Any] | None 
                "change_from_base": _change(d["general_matrix"]) if d["general_matrix"] else []}
     return {"title": d["title"], "tasks": d["tasks"], "stages": stage_labels(d["tasks"]),
             "metric_names": d["metric_names"], "matrix": d["matrix"], "metrics": metrics,
-            "intervals": dict(intervals), "general": general, "experts": d["experts"]}
+            "intervals": dict(intervals), "general": general, "experts": d["experts"],
+            "answers": dict(answers or {"available": False, "tasks": {},
+                                        "reason": "built from scores alone, without per-example predictions"})}
 
 
 # ------------------------------------------------------------------------------------------------- markdown
@@ -147,6 +154,26 @@ def _metric_tables(rep: dict) -> list[str]:
                   [[t, _fmt(m["LA_per_task"][t]), _ci(ci["LA_per_task"].get(t) if ci else None), _fmt(base[j]),
                     _fmt(None if m["LA_per_task"][t] is None or base[j] is None else m["LA_per_task"][t] - base[j],
                          signed=True)] for j, t in enumerate(rep["tasks"])])
+    return out + _answer_table(rep.get("answers") or {})
+
+
+def _answer_table(answers: Mapping[str, Any]) -> list[str]:
+    """The constant-answer check: does each label task's score right after training beat a single answer?"""
+    checks = answers.get("tasks") or {}
+    if not checks:
+        return []
+    out = ["", "Constant-answer check (label tasks, right after training each): the best score one answer given to "
+               "every test prompt gets (the most frequent reference), and the model's most frequent answer. A score "
+               "that does not exceed the constant answer's is no evidence that the task was learned, whatever its "
+               "gain over the base model.", ""]
+    out += _table(["task", "LA", "constant answer: score (answer)", "most frequent prediction (share)",
+                   "beyond a constant answer"],
+                  [[t, _fmt(c["score"]), f"{_fmt(c['constant_answer_score'])} ({c['constant_answer']!r})",
+                    f"{c['top_prediction']!r} ({100 * c['top_prediction_share']:.0f}%)",
+                    "yes" if c["beyond_constant"] else "**no**"] for t, c in checks.items()])
+    flat = not_beyond_constant(answers)
+    if flat:
+        out += ["", f"**Not learned beyond a constant answer:** {', '.join(flat)}."]
     return out
 
 
@@ -314,15 +341,16 @@ def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir
         out_dir: folder for the outputs (created).
         bootstrap: resamples, confidence and seed of the intervals.
     """
-    intervals = None
+    intervals = answers = None
     if isinstance(run_dir_or_data, (str, os.PathLike)):
         data = load_run_dir(run_dir_or_data)
         intervals = run_intervals(run_dir_or_data, data["tasks"], bootstrap)
+        answers = answer_checks(run_dir_or_data, data["tasks"])
     else:
         data = run_dir_or_data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rep = compute_report(data, intervals)
+    rep = compute_report(data, intervals, answers)
     figures = render_figures(rep, out)
     if isinstance(run_dir_or_data, (str, os.PathLike)):  # the training curves of RUN_DIR/metrics.jsonl
         from mora_dist.run.curves import plot_loss_curves

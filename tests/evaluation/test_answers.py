@@ -1,0 +1,82 @@
+"""The constant-answer check against hand-computed cases, and its place in the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mora_dist.evaluation.answers import answer_checks, not_beyond_constant, task_answer_check
+from mora_dist.evaluation.generation import TaskEval
+from mora_dist.evaluation.report import rebuild_report
+from mora_dist.evaluation.results import write_stage_results
+
+
+def _rows(predictions, references, match=None):
+    match = match or (lambda p, r: p.split(".")[0].strip().lower() == r.lower())
+    return [{"prompt": f"q{i}", "prediction": p, "reference": r, "score": float(match(p, r))}
+            for i, (p, r) in enumerate(zip(predictions, references))]
+
+
+def test_one_answer_for_every_prompt_scores_the_majority_share():
+    refs = ["C"] * 11 + ["A"] * 5 + ["B"] * 4
+    check = task_answer_check(_rows(["C. neutral"] * 20, refs))
+    assert check["constant_answer"] == "C" and check["constant_answer_score"] == pytest.approx(11 / 20)
+    assert check["top_prediction"] == "C" and check["top_prediction_share"] == 1.0
+    assert check["score"] == pytest.approx(11 / 20) and check["examples"] == 20
+
+
+def test_varied_right_answers_beat_the_constant_answer():
+    refs = ["Sports", "World", "Sports", "Business"]
+    check = task_answer_check(_rows(["Sports", "World", "Business", "Business"], refs))
+    # best single answer: "Sports" (2 of 4); the model: 3 of 4 right, "Business" its most frequent answer (2 of 4)
+    assert (check["constant_answer"], check["constant_answer_score"]) == ("Sports", 0.5)
+    assert (check["top_prediction"], check["top_prediction_share"], check["score"]) == ("Business", 0.5, 0.75)
+
+
+def test_references_with_several_accepted_answers_and_explanations():
+    # a list of accepted labels counts once per example; only a reference's first line is its label
+    refs = [["yes", "true"], ["yes"], ["no"], "A\nbecause the figure shows it"]
+    check = task_answer_check(_rows(["true", "yes", "no", "A"], refs, match=lambda p, r: True))
+    assert (check["constant_answer"], check["constant_answer_score"]) == ("yes", 0.5)
+    assert check["score"] == 1.0
+
+
+def _write(run_dir, stages):
+    """stages: per stage {task: (metric, predictions, references)}; stage i + 1 is after task i."""
+    tasks = [next(reversed(s)) for s in stages[1:]]
+    for stage, entries in enumerate(stages):
+        in_domain = {}
+        for task, (metric, preds, refs) in entries.items():
+            rows = _rows(preds, refs)
+            in_domain[task] = TaskEval(task, metric, sum(r["score"] for r in rows) / len(rows), len(rows), rows)
+        write_stage_results(run_dir, stage, tasks[stage - 1] if stage else None, in_domain)
+    return run_dir
+
+
+def test_report_flags_a_task_learned_only_as_its_majority_label(tmp_path):
+    refs_a, refs_b = ["C", "C", "C", "A"], ["World", "Sports", "World", "Business"]
+    run = _write(tmp_path, [
+        {"A": ("accuracy", ["x"] * 4, refs_a), "B": ("accuracy", ["x"] * 4, refs_b)},
+        {"A": ("accuracy", ["C"] * 4, refs_a)},                                  # 0.75 = always "C": not learned
+        {"A": ("accuracy", ["C"] * 4, refs_a), "B": ("accuracy", ["World", "Sports", "World", "x"], refs_b)},
+    ])
+    checks = answer_checks(run, ["A", "B"])
+    assert checks["available"] and checks["tasks"]["A"]["stage"] == 1 and checks["tasks"]["B"]["stage"] == 2
+    assert checks["tasks"]["A"]["beyond_constant"] is False and checks["tasks"]["B"]["beyond_constant"] is True
+    assert not_beyond_constant(checks) == ["A"]
+    rep = rebuild_report(run)
+    assert rep["metrics"]["LA_per_task"] == {"A": 0.75, "B": 0.75}  # same LA; only B beats its constant answer
+    assert rep["answers"]["tasks"]["B"]["constant_answer_score"] == 0.5
+    md = (run / "report" / "report.md").read_text()
+    assert "**Not learned beyond a constant answer:** A." in md
+    assert "| A | 0.7500 | 0.7500 ('C') | 'C' (100%) | **no** |" in md
+    assert json.loads((run / "report" / "report.json").read_text())["answers"] == rep["answers"]
+
+
+def test_free_text_metrics_are_not_checked(tmp_path):
+    run = _write(tmp_path, [{"A": ("rouge_l", ["x"], ["y"])}, {"A": ("rouge_l", ["y"], ["y"])}])
+    checks = answer_checks(run, ["A"])
+    assert checks == {"available": False, "tasks": {}, "reason": checks["reason"]} and "label task" in checks["reason"]
+    rebuild_report(run)
+    assert "Constant-answer check" not in (run / "report" / "report.md").read_text()
