@@ -28,10 +28,11 @@ def _cmd_validate(args) -> int:
         return 0
     loader = None
     if not args.no_tokenizer:
+        from functools import partial
+
         from mora_dist.base_model import load_tokenizer
 
-        def loader():
-            return load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        loader = partial(load_tokenizer, cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     check = check_stream_data(cfg, loader)  # every file is read before the tokenizer loads
     print(f"# data: every split the run uses reads and checks out\n{check.summary()}", file=sys.stderr)
     return 0
