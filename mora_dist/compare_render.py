@@ -95,10 +95,9 @@ def _constant_answers(comp: dict) -> list[str]:
         runs = {f"{m} (seed {seed})": r for m, sr in comp["seed_runs"].items() for seed, r in sr.items()}
     else:
         runs = comp["runs"]
-    flat = {m: not_beyond_constant(r.get("answers") or {}) for m, r in runs.items()}
-    flat = {m: tasks for m, tasks in flat.items() if tasks}
     if not any((r.get("answers") or {}).get("available") for r in runs.values()):
         return []
+    flat = {m: tasks for m, r in runs.items() if (tasks := not_beyond_constant(r.get("answers") or {}))}
     if not flat:
         return ["", "Every label task scored, right after training, above the best single answer given to every "
                     "prompt (the constant-answer check of each run's report)."]

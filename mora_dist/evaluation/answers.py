@@ -23,20 +23,12 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mora_dist.evaluation.metrics import label_match, normalize_label
+from mora_dist.evaluation.results import stage_filename
 
 CHECKED_METRICS = ("accuracy",)
-
-
-def _stage_files(run_dir: Path, stage: int) -> tuple[Path, Path] | None:
-    """``(results, samples)`` of evaluated stage ``stage`` (``stage_XX_<name>.json``), or None when absent."""
-    for path in sorted((run_dir / "eval").glob(f"stage_{stage:02d}_*.json")):
-        if not path.name.endswith(".samples.json"):
-            samples = path.with_suffix(".samples.json")
-            return (path, samples) if samples.is_file() else None
-    return None
 
 
 def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -52,13 +44,15 @@ def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for accepted in refs:
         for x in accepted:
             spelling.setdefault(normalize_label(x), x.strip().splitlines()[0].strip() if x.strip() else "")
+    labels = sorted(spelling)
     best, best_answer = 0.0, None
-    for label in sorted(spelling):
+    for label in labels:
         score = sum(any(label_match(label, x) for x in accepted) for accepted in refs) / n
         if score > best or best_answer is None:
             best, best_answer = score, spelling[label]
+
     def named(prediction: str) -> str:  # the reference label a prediction names, else its normalised text
-        label = next((x for x in sorted(spelling) if label_match(prediction, x)), None)
+        label = next((x for x in labels if label_match(prediction, x)), None)
         return spelling[label] if label is not None else normalize_label(prediction)
 
     top, count = Counter(named(r["prediction"]) for r in rows).most_common(1)[0]
@@ -67,8 +61,11 @@ def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "score": sum(float(r["score"]) for r in rows) / n}
 
 
-def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, Any]:
+def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str],
+                  metric_names: Mapping[str, str]) -> dict[str, Any]:
     """The constant-answer check of every task of ``run_dir`` right after it was learned.
+
+    ``tasks`` is the stream and ``metric_names`` each task's metric, as ``report.load_run_dir`` reads them.
 
     Returns ``{"available": bool, "reason": str (when not available), "tasks": {task: check}}``; each check is
     ``task_answer_check``'s dict plus ``stage`` and ``beyond_constant``. Tasks that were not evaluated right after
@@ -77,14 +74,11 @@ def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str,
     run_dir = Path(run_dir)
     checks: dict[str, Any] = {}
     for j, task in enumerate(tasks):
-        files = _stage_files(run_dir, j + 1)
-        if files is None:
+        samples = (run_dir / "eval" / stage_filename(j + 1, task)).with_suffix(".samples.json")
+        if metric_names.get(task) not in CHECKED_METRICS or not samples.is_file():
             continue
-        results, samples = files
-        info = (json.loads(results.read_text(encoding="utf-8")).get("mora_dist") or {}).get("in_domain") or {}
-        metric = str((info.get(task) or {}).get("metric", "")).split(",")[0]
         rows = json.loads(samples.read_text(encoding="utf-8")).get(task)
-        if metric not in CHECKED_METRICS or not rows:
+        if not rows:
             continue
         check = task_answer_check(rows)
         check["stage"] = j + 1

@@ -345,7 +345,7 @@ def build_report(run_dir_or_data: str | os.PathLike | Mapping[str, Any], out_dir
     if isinstance(run_dir_or_data, (str, os.PathLike)):
         data = load_run_dir(run_dir_or_data)
         intervals = run_intervals(run_dir_or_data, data["tasks"], bootstrap)
-        answers = answer_checks(run_dir_or_data, data["tasks"])
+        answers = answer_checks(run_dir_or_data, data["tasks"], data["metric_names"])
     else:
         data = run_dir_or_data
     out = Path(out_dir)

@@ -61,7 +61,7 @@ def test_report_flags_a_task_learned_only_as_its_majority_label(tmp_path):
         {"A": ("accuracy", ["C"] * 4, refs_a)},                                  # 0.75 = always "C": not learned
         {"A": ("accuracy", ["C"] * 4, refs_a), "B": ("accuracy", ["World", "Sports", "World", "x"], refs_b)},
     ])
-    checks = answer_checks(run, ["A", "B"])
+    checks = answer_checks(run, ["A", "B"], {"A": "accuracy", "B": "accuracy"})
     assert checks["available"] and checks["tasks"]["A"]["stage"] == 1 and checks["tasks"]["B"]["stage"] == 2
     assert checks["tasks"]["A"]["beyond_constant"] is False and checks["tasks"]["B"]["beyond_constant"] is True
     assert not_beyond_constant(checks) == ["A"]
@@ -76,7 +76,7 @@ def test_report_flags_a_task_learned_only_as_its_majority_label(tmp_path):
 
 def test_free_text_metrics_are_not_checked(tmp_path):
     run = _write(tmp_path, [{"A": ("rouge_l", ["x"], ["y"])}, {"A": ("rouge_l", ["y"], ["y"])}])
-    checks = answer_checks(run, ["A"])
+    checks = answer_checks(run, ["A"], {"A": "rouge_l"})
     assert checks == {"available": False, "tasks": {}, "reason": checks["reason"]} and "label task" in checks["reason"]
     rebuild_report(run)
     assert "Constant-answer check" not in (run / "report" / "report.md").read_text()
