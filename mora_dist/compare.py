@@ -13,7 +13,8 @@ after a crash and finished runs are skipped. The base model is evaluated once: t
   last task, the final row of scores, parameter counts, training and evaluation time from ``state.json``, seeds
   and sample counts; ``intervals``: the paired bootstrap over test examples (``evaluation.bootstrap``) of every
   metric per method (of its mean over seeds) and of every difference ``method - reference`` (the reference is
-  ``mora`` when compared, else the first method), each marked resolved when its interval excludes 0;
+  ``mora`` when compared, else the first method), each marked resolved when its interval excludes 0, and, when the
+  runs stored their general-suite documents' scores, of the general-capability change (``general_change``);
 * ``compare.md``: the same as tables;
 * ``compare.png``: final score per task per method, and AP / BWT per method.
 
@@ -233,6 +234,9 @@ def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Seque
     intervals = paired_intervals(groups, tasks, reference, bootstrap)
     diffs = {m: {k: [_diff(r["metrics"][k], ref["metrics"][k]) for r, ref in zip(rs, runs[reference])]
                  for k in METRICS} for m, rs in runs.items() if m != reference}
+    for m, d in diffs.items():
+        d["general_change"] = [_diff(r["general_change"], ref["general_change"])
+                               for r, ref in zip(runs[m], runs[reference])]
     for m, per_metric in (intervals.get("differences") or {}).items():
         for k, entry in per_metric.items():
             entry["value"] = spread(diffs[m][k])["mean"]

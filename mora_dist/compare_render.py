@@ -65,8 +65,17 @@ def _intervals_section(comp: dict) -> list[str]:
            f"resamples, seed {ints['seed']}; examples per task: "
            + ", ".join(f"{t} {n}" for t, n in ints["examples"].items())
            + "): the same resampled examples for every stage and every method.", ""]
-    out += table(["method"] + list(METRIC_NAMES),
-                 [[m] + [_ci(v[k], k in SIGNED) for k in METRIC_NAMES] for m, v in ints["methods"].items()])
+    general = ints.get("general") or {}
+    keys = list(METRIC_NAMES) + (["general_change"] if general.get("available") else [])
+    heads = {k: "general Δ" if k == "general_change" else k for k in keys}
+    out += table(["method"] + [heads[k] for k in keys],
+                 [[m] + [_ci(v[k], k in SIGNED or k == "general_change") for k in keys]
+                  for m, v in ints["methods"].items()])
+    if general.get("available"):
+        out += ["", "General Δ: documents of the general suite resampled the same way (its own seeded draw; "
+                    "documents per task: " + ", ".join(f"{t} {n}" for t, n in general["examples"].items()) + ")."]
+    elif general:
+        out += ["", f"No interval for the general Δ: {general.get('reason')}."]
     ref = ints["reference"]
     if not ints["differences"]:
         return out
@@ -79,12 +88,12 @@ def _intervals_section(comp: dict) -> list[str]:
         mark = "**✓ resolved**" if e["resolved"] else "*not resolved*"
         return "–" if e["interval"] is None else f"{fmt(e['value'], True)} {_ci(e['interval'], True)} {mark}"
 
-    out += table(["method"] + [f"Δ{k}" for k in METRIC_NAMES],
-                 [[m] + [cell(d[k], k) for k in METRIC_NAMES] for m, d in ints["differences"].items()])
+    out += table(["method"] + ["Δ(general Δ)" if k == "general_change" else f"Δ{k}" for k in keys],
+                 [[m] + [cell(d[k], k) for k in keys] for m, d in ints["differences"].items()])
     if multi:
         out += ["", "The same differences over seeds (mean ± standard deviation [minimum, maximum]):", ""]
-        out += table(["method"] + [f"Δ{k}" for k in METRIC_NAMES],
-                     [[m] + [_spread(d[k], True) for k in METRIC_NAMES]
+        out += table(["method"] + ["Δ(general Δ)" if k == "general_change" else f"Δ{k}" for k in keys],
+                     [[m] + [_spread(d[k], True) for k in keys]
                       for m, d in comp["aggregate_differences"].items()])
     return out
 

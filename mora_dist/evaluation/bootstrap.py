@@ -16,6 +16,12 @@ therefore resamples *examples*:
 
 A difference is *resolved* by the data when its interval excludes 0. Runs whose examples differ (another
 ``eval.max_examples`` or ``eval.seed``, or another data set) cannot be paired: that is an error naming both.
+
+The general-capability change (the mean over the general-suite tasks of the score at the last evaluated stage
+minus the base model's) gets the same treatment from the per-document scores that the evaluate stage stores
+(``eval/stage_XX_<name>.general.samples.json``): documents resampled per general task with their own seeded
+draw, the same documents for both stages and for every run. Runs evaluated without those files (older runs) or
+on other documents get no general interval, with the reason, while their other intervals stand.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +154,127 @@ def load_example_scores(run_dir: str | os.PathLike, tasks: Sequence[str]) -> Exa
     return ExampleScores(str(run_dir), list(tasks), scores, [k or [] for k in keys])
 
 
+@dataclass
+class GeneralScores:
+    """Per-document scores of the general suite in one run.
+
+    Attributes:
+        source: the run directory (for error messages).
+        tasks: the general tasks, in the order first evaluated.
+        scores: per general task, a ``(T + 1, n_g)`` array of per-document scores (NaN rows: not evaluated).
+        keys: per general task, one identity string per document (lm-eval's ``doc_id`` and ``doc_hash``).
+    """
+
+    source: str
+    tasks: list[str]
+    scores: list[np.ndarray]
+    keys: list[list[str]]
+
+    @property
+    def counts(self) -> list[int]:
+        """Documents per general task."""
+        return [len(k) for k in self.keys]
+
+    def last_stage(self) -> int | None:
+        """The last stage after the base at which every general task was scored (None: only the base, or none)."""
+        scored = [i for i in range(self.scores[0].shape[0]) if all(not np.isnan(a[i]).any() for a in self.scores)] \
+            if self.scores else []
+        return scored[-1] if len(scored) > 1 and scored[0] == 0 else None
+
+
+def load_general_scores(run_dir: str | os.PathLike, T: int) -> GeneralScores:
+    """The general suite's per-document scores at every stage of ``run_dir`` (a stream of ``T`` tasks).
+
+    Raises:
+        MissingExampleScores: a stage scored the general suite but stored no per-document scores for a task.
+        ValueError: a general task was scored on other documents at another stage, or a stored score is not the
+            mean of its per-document scores.
+    """
+    from mora_dist.evaluation.results import general_samples_path
+
+    folder = Path(run_dir) / "eval"
+    tasks: list[str] = []
+    rows: dict[str, dict[int, list[float]]] = {}
+    keys: dict[str, list[str]] = {}
+    first_seen: dict[str, str] = {}
+    for path in sorted(p for p in folder.glob("stage_*.json") if not p.name.endswith(".samples.json")):
+        info = json.loads(path.read_text(encoding="utf-8")).get("mora_dist") or {}
+        stage, general = info.get("stage"), info.get("general") or {}
+        if not isinstance(stage, int) or not 0 <= stage <= T or not general:
+            continue
+        sample_path = general_samples_path(path)
+        if not sample_path.is_file():
+            raise MissingExampleScores(f"{sample_path}: no per-document scores of the general suite stored for "
+                                       f"stage {stage} (evaluations written before they were kept have none)")
+        samples = json.loads(sample_path.read_text(encoding="utf-8"))
+        for task, entry in general.items():
+            if task not in samples:
+                raise MissingExampleScores(f"{sample_path}: no per-document scores for general task {task!r}")
+            docs = samples[task]["examples"]
+            these = [f"{d['doc_id']}:{d.get('doc_hash', '')}" for d in docs]
+            if task not in keys:
+                tasks.append(task)
+                keys[task], first_seen[task] = these, sample_path.name
+            elif these != keys[task]:
+                raise ValueError(f"{sample_path}: general task {task!r} was scored on other documents than in "
+                                 f"{first_seen[task]} (keep eval.general_limit fixed within a run)")
+            values = [float(d["score"]) for d in docs]
+            if values and abs(sum(values) / len(values) - float(entry["score"])) > _MEAN_TOLERANCE:
+                raise ValueError(f"{path}: the general score of {task!r} ({entry['score']}) is not the mean of its "
+                                 f"per-document scores in {sample_path.name} ({sum(values) / len(values)})")
+            rows.setdefault(task, {})[stage] = values
+    scores = []
+    for task in tasks:
+        arr = np.full((T + 1, len(keys[task])), np.nan)
+        for stage, values in rows[task].items():
+            arr[stage] = values
+        scores.append(arr)
+    return GeneralScores(str(run_dir), tasks, scores, [keys[t] for t in tasks])
+
+
+def general_indices(counts: Sequence[int], settings: BootstrapSettings) -> list[np.ndarray]:
+    """Per general task, a ``(B, n_g)`` array of document indices drawn with replacement; seeded apart from the
+    in-domain draw (``resample_indices``), which therefore does not depend on the general suite."""
+    rng = np.random.default_rng([settings.seed, 1])
+    return [rng.integers(0, n, size=(settings.resamples, n)) if n else np.zeros((settings.resamples, 0), int)
+            for n in counts]
+
+
+def general_change_replicates(run: GeneralScores, indices: Sequence[np.ndarray], stage: int) -> dict:
+    """Resampled general-capability change at ``stage`` from the base: ``{"change": (B,), "per_task": {g: (B,)}}``;
+    ``change`` is the mean over the general tasks of each task's change."""
+    per_task = {}
+    for task, scores, idx in zip(run.tasks, run.scores, indices):
+        means = _weights(idx, scores.shape[1]) @ scores[[0, stage]].T  # (B, 2): base, stage
+        per_task[task] = means[:, 1] - means[:, 0]
+    return {"change": np.mean(list(per_task.values()), axis=0), "per_task": per_task}
+
+
+def _general_intervals(reps: Mapping[str, Any], confidence: float) -> dict:
+    return {"change": percentile_interval(reps["change"], confidence),
+            "change_per_task": {t: percentile_interval(v, confidence) for t, v in reps["per_task"].items()}}
+
+
+def general_intervals(run_dir: str | os.PathLike, T: int, settings: BootstrapSettings = BootstrapSettings(),
+                      indices: Sequence[np.ndarray] | None = None) -> dict:
+    """Intervals of one run's general-capability change from the base at its last stage with general scores.
+
+    Returns ``{"available": True, "stage", "examples": {task: n}, "change": [lo, hi], "change_per_task"}`` or
+    ``{"available": False, "reason"}``.
+    """
+    try:
+        run = load_general_scores(run_dir, T)
+    except MissingExampleScores as err:
+        return {"available": False, "reason": str(err)}
+    stage = run.last_stage() if run.tasks else None
+    if stage is None:
+        return {"available": False, "reason": "no general-suite scores at the base and a later stage"}
+    reps = general_change_replicates(run, general_indices(run.counts, settings) if indices is None else indices,
+                                     stage)
+    return {"available": True, "stage": stage, "examples": dict(zip(run.tasks, run.counts)),
+            **_general_intervals(reps, settings.confidence)}
+
+
 def check_paired(runs: Mapping[str, ExampleScores]) -> None:
     """Raise ``ValueError`` unless every run has the same stream and, per task, the same examples in order."""
     items = list(runs.items())
@@ -215,13 +343,16 @@ def intervals_of(replicates: Mapping[str, np.ndarray], tasks: Sequence[str], con
 
 def run_intervals(run_dir: str | os.PathLike, tasks: Sequence[str],
                   settings: BootstrapSettings = BootstrapSettings(),
-                  indices: Sequence[np.ndarray] | None = None) -> dict:
+                  indices: Sequence[np.ndarray] | None = None,
+                  general_idx: Sequence[np.ndarray] | None = None) -> dict:
     """The report's ``intervals`` section for one run directory.
 
-    ``indices`` (per task a ``(B, n_j)`` array) replaces the seeded draw, to reproduce given resamples.
+    ``indices`` (per task a ``(B, n_j)`` array) and ``general_idx`` (per general task a ``(B, n_g)`` array) replace
+    the seeded draws, to reproduce given resamples.
 
-    Returns ``{"available": True, **settings, "examples": {task: n}, "metrics": {metric: [lo, hi], ...}}``, or
-    ``{"available": False, "reason": ...}`` when the run stored no per-example scores.
+    Returns ``{"available": True, **settings, "examples": {task: n}, "metrics": {metric: [lo, hi], ...},
+    "general": general_intervals(...)}``, or ``{"available": False, "reason": ...}`` when the run stored no
+    per-example scores.
     """
     try:
         run = load_example_scores(run_dir, tasks)
@@ -229,7 +360,8 @@ def run_intervals(run_dir: str | os.PathLike, tasks: Sequence[str],
         return {"available": False, "reason": str(err)}
     reps = replicate_metrics(run, resample_indices(run.counts, settings) if indices is None else indices)
     return {"available": True, **settings.to_dict(), "examples": dict(zip(run.tasks, run.counts)),
-            "metrics": intervals_of(reps, run.tasks, settings.confidence)}
+            "metrics": intervals_of(reps, run.tasks, settings.confidence),
+            "general": general_intervals(run_dir, len(tasks), settings, general_idx)}
 
 
 def excludes_zero(interval: Sequence[float] | None) -> bool:
@@ -239,7 +371,8 @@ def excludes_zero(interval: Sequence[float] | None) -> bool:
 
 def paired_intervals(groups: Mapping[str, Sequence[str | os.PathLike]], tasks: Sequence[str], reference: str,
                      settings: BootstrapSettings = BootstrapSettings(),
-                     indices: Sequence[np.ndarray] | None = None) -> dict:
+                     indices: Sequence[np.ndarray] | None = None,
+                     general_idx: Sequence[np.ndarray] | None = None) -> dict:
     """Intervals for a comparison of methods, each run with one or more seeds, on the same test examples.
 
     Args:
@@ -248,12 +381,15 @@ def paired_intervals(groups: Mapping[str, Sequence[str | os.PathLike]], tasks: S
         reference: the method the others are compared with (differences are ``method - reference``).
         settings: resamples, confidence, seed.
         indices: per task a ``(B, n_j)`` array that replaces the seeded draw (to reproduce given resamples).
+        general_idx: per general task a ``(B, n_g)`` array that replaces the seeded draw of documents.
 
     Returns:
         ``{"available": True, **settings, "examples", "reference", "methods": {method: intervals of the metric
-        (its mean over seeds)}, "differences": {method: {metric: {"interval": [lo, hi], "resolved": bool}}}}``,
-        or ``{"available": False, "reason"}`` when some run stored no per-example scores. The same resampled
-        examples serve every run, so each difference's interval is that of a paired difference.
+        (its mean over seeds)}, "differences": {method: {metric: {"interval": [lo, hi], "resolved": bool}}},
+        "general": {"available", "examples" or "reason"}}``, or ``{"available": False, "reason"}`` when some run
+        stored no per-example scores. The same resampled examples serve every run, so each difference's interval
+        is that of a paired difference. With general intervals available, ``methods[m]`` and ``differences[m]``
+        also hold ``general_change`` (the change after the last task, from the base).
     """
     try:
         runs = {(m, i): load_example_scores(d, tasks) for m, dirs in groups.items() for i, d in enumerate(dirs)}
@@ -275,5 +411,45 @@ def paired_intervals(groups: Mapping[str, Sequence[str | os.PathLike]], tasks: S
         diff = {k: reps[k] - mean_reps[reference][k] for k in reps}
         ints = intervals_of(diff, tasks, settings.confidence)
         differences[method] = {k: {"interval": ints[k], "resolved": excludes_zero(ints[k])} for k in METRIC_NAMES}
+    general = _paired_general(groups, len(tasks), reference, settings, general_idx)
+    if general["available"]:
+        for method in groups:
+            methods[method]["general_change"] = general["methods"][method]
+            if method != reference:
+                differences[method]["general_change"] = general["differences"][method]
     return {"available": True, **settings.to_dict(), "examples": dict(zip(tasks, first.counts)),
-            "reference": reference, "methods": methods, "differences": differences}
+            "reference": reference, "methods": methods, "differences": differences,
+            "general": {k: v for k, v in general.items() if k not in ("methods", "differences")}}
+
+
+def _paired_general(groups: Mapping[str, Sequence[str | os.PathLike]], T: int, reference: str,
+                    settings: BootstrapSettings, indices: Sequence[np.ndarray] | None) -> dict:
+    """Paired intervals of the general-capability change: per method (mean over seeds) and method - reference."""
+    try:
+        runs = {(m, i): load_general_scores(d, T) for m, dirs in groups.items() for i, d in enumerate(dirs)}
+    except MissingExampleScores as err:
+        return {"available": False, "reason": str(err)}
+    first = next(iter(runs.values()))
+    if not first.tasks:
+        return {"available": False, "reason": "no general suite in these runs"}
+    for (m, _), run in runs.items():
+        if run.tasks != first.tasks or run.keys != first.keys:
+            return {"available": False, "reason": f"{run.source} ({m}) scored other general tasks or documents than "
+                                                  f"{first.source}; a paired interval needs the same eval.general "
+                                                  "and eval.general_limit"}
+        if run.last_stage() != T:
+            return {"available": False, "reason": f"{run.source} ({m}): no general-suite scores after the last task"}
+    if indices is None:
+        indices = general_indices(first.counts, settings)
+    mean_change = {}
+    for method, dirs in groups.items():
+        per_seed = [general_change_replicates(runs[(method, i)], indices, T)["change"] for i in range(len(dirs))]
+        mean_change[method] = np.mean(per_seed, axis=0)
+    methods = {m: percentile_interval(v, settings.confidence) for m, v in mean_change.items()}
+    differences = {}
+    for method, v in mean_change.items():
+        if method != reference:
+            interval = percentile_interval(v - mean_change[reference], settings.confidence)
+            differences[method] = {"interval": interval, "resolved": excludes_zero(interval)}
+    return {"available": True, "examples": dict(zip(first.tasks, first.counts)), "methods": methods,
+            "differences": differences}

@@ -22,7 +22,8 @@ Input of ``build_report`` (plain JSON-able data, or a run directory, see below):
 
 Outputs in ``out_dir``: ``report.json`` (``tasks``, ``matrix``, ``metrics`` with ``LA_per_task`` and
 ``conventions``, ``intervals`` (bootstrap confidence intervals of every metric, see ``bootstrap``; available when
-built from a run directory whose evaluations stored per-example scores), ``general`` {``names``, ``matrix``,
+built from a run directory whose evaluations stored per-example scores; ``intervals.general``: of the
+general-capability change at the last stage, from the stored per-document scores), ``general`` {``names``, ``matrix``,
 ``change_from_base``}, ``experts``, ``answers`` (built from a run directory: the constant-answer check of
 ``answers``, whether each label task's score right after training beats one answer given to every prompt)),
 ``report.md`` (the same tables, readable alone) and
@@ -157,6 +158,25 @@ def _metric_tables(rep: dict) -> list[str]:
     return out + _answer_table(rep.get("answers") or {})
 
 
+def _general_interval_lines(rep: dict, stages: Sequence[str]) -> list[str]:
+    """The general-capability change at the last stage with its bootstrap interval, overall and per task."""
+    ints = rep.get("intervals") or {}
+    gi = ints.get("general") or {}
+    if not ints.get("available") or not gi:
+        return []
+    if not gi.get("available"):
+        return ["", f"No interval for the general-capability change: {gi.get('reason')}."]
+    g, stage = rep["general"], gi["stage"]
+    changes = [v for v in g["change_from_base"][stage] if v is not None]
+    mean = sum(changes) / len(changes) if changes else None
+    per_task = ", ".join(f"{t} {_fmt(v, signed=True)} {_ci(gi['change_per_task'].get(t), signed=True)}"
+                         for t, v in zip(g["names"], g["change_from_base"][stage]) if t in gi["change_per_task"])
+    return ["", f"Mean change {stages[stage]} (mean over the general tasks): {_fmt(mean, signed=True)} "
+                f"{_ci(gi['change'], signed=True)}, a {100 * ints['confidence']:g}% percentile bootstrap over the "
+                "documents (" + ", ".join(f"{t} {n}" for t, n in gi["examples"].items())
+                + "), the same documents at both stages; per task: " + per_task + "."]
+
+
 def _answer_table(answers: Mapping[str, Any]) -> list[str]:
     """The constant-answer check: does each label task's score right after training beat a single answer?"""
     checks = answers.get("tasks") or {}
@@ -201,6 +221,7 @@ def render_markdown(rep: dict, figures: Sequence[str]) -> str:
         out += ["", "Change from the base model:", ""]
         out += _table(["stage"] + g["names"],
                       [[s] + [_fmt(v, signed=True) for v in row] for s, row in zip(stages, g["change_from_base"])])
+        out += _general_interval_lines(rep, stages)
     if rep["experts"]:
         keys: list[str] = []
         for info in rep["experts"].values():

@@ -16,7 +16,14 @@ write::
                   "experts": {...} or null}
 
 which is all ``report.rebuild_report`` reads. Per-example predictions, when given, go beside it as
-``stage_XX_<name>.samples.json``. Every write is atomic (temporary file in the same folder, then ``os.replace``).
+``stage_XX_<name>.samples.json``; when the general suite ran with lm-eval's ``log_samples``, each document's score
+of its task's primary metric goes to ``stage_XX_<name>.general.samples.json``::
+
+    {"local_arc_easy": {"metric": "acc,none",
+                        "examples": [{"doc_id": 0, "doc_hash": "...", "score": 1.0}, ...]}, ...}
+
+(the bootstrap intervals of the general-capability change resample those documents). Every write is atomic
+(temporary file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from mora_dist.evaluation.suite import primary_metric
 from mora_dist.io import atomic_write_json, read_json
 
 IN_DOMAIN_VERSION = 1.0
+GENERAL_SAMPLES_SUFFIX = ".general.samples.json"
 _LM_EVAL_TABLES = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
@@ -41,6 +49,34 @@ def stage_filename(stage: int, name: str | None) -> str:
     """``stage_XX_<name>.json`` for stage index ``stage`` (0 = base)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name or "base")
     return f"stage_{stage:02d}_{safe}.json"
+
+
+def general_samples_path(stage_file: str | os.PathLike) -> Path:
+    """``stage_XX_<name>.general.samples.json`` beside a stage's ``stage_XX_<name>.json``."""
+    path = Path(stage_file)
+    return path.with_name(path.name[:-len(".json")] + GENERAL_SAMPLES_SUFFIX)
+
+
+def general_example_scores(general: Mapping[str, Any] | None) -> dict:
+    """Per general task, each document's score of the task's primary metric, from lm-eval's logged samples.
+
+    ``general`` is ``run_general_suite``'s result with ``log_samples``; tasks without logged samples (or without a
+    primary metric in their samples) are left out. Documents come in ``doc_id`` order.
+    """
+    out: dict = {}
+    logged = (general or {}).get("samples") or {}
+    for task, values in (general or {}).get("results", {}).items():
+        key = primary_metric(task, values)
+        if key is None or not logged.get(task):
+            continue
+        metric, _, filter_key = key.partition(",")
+        rows = [s for s in logged[task] if s.get("filter", filter_key) == filter_key and metric in s]
+        if not rows:
+            continue
+        rows.sort(key=lambda s: s["doc_id"])
+        out[task] = {"metric": key, "examples": [{"doc_id": int(s["doc_id"]), "doc_hash": str(s.get("doc_hash", "")),
+                                                  "score": float(s[metric])} for s in rows]}
+    return out
 
 
 def _in_domain_entry(value: Any) -> tuple[str, float, int]:
@@ -63,10 +99,9 @@ def build_stage_results(stage: int, after_task: str | None, in_domain: Mapping[s
         experts: optional JSON-able expert statistics of this checkpoint.
         config: extra run settings merged into the ``config`` section.
     """
-    out: dict = copy.deepcopy(dict(general)) if general else {}
+    out: dict = copy.deepcopy({k: v for k, v in general.items() if k != "samples"}) if general else {}
     for table in _LM_EVAL_TABLES:
         out.setdefault(table, {})
-    out.pop("samples", None)
     out.setdefault("config", {})
     out["config"] = {**out["config"], **dict(config or {})}
     out.setdefault("date", time.time())
@@ -100,13 +135,17 @@ def write_stage_results(run_dir: str | os.PathLike, stage: int, after_task: str 
                         write_samples: bool = True) -> Path:
     """Build and atomically write ``<run_dir>/eval/stage_XX_<name>.json``; returns its path.
 
-    With ``write_samples`` and ``TaskEval`` inputs, per-example predictions go to ``...samples.json`` beside it.
+    With ``write_samples``, per-example predictions of ``TaskEval`` inputs go to ``...samples.json`` beside it, and
+    the general suite's per-document scores (when lm-eval logged its samples) to ``...general.samples.json``.
     """
     data = build_stage_results(stage, after_task, in_domain, general, experts, config)
     path = Path(run_dir) / "eval" / stage_filename(stage, after_task)
     samples = {t: v.to_dict()["predictions"] for t, v in (in_domain or {}).items() if hasattr(v, "to_dict")}
     if write_samples and samples:
         atomic_write_json(path.with_suffix(".samples.json"), samples)
+    general_samples = general_example_scores(general) if write_samples else {}
+    if general_samples:
+        atomic_write_json(general_samples_path(path), general_samples)
     return atomic_write_json(path, data)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mora_dist.distributed.stats import collect_statistics, layer_block_shares, statistics_record
+from mora_dist.evaluation.results import GENERAL_SAMPLES_SUFFIX
 
 SHARES = ("weight", "mass")
 
@@ -100,7 +101,8 @@ def _stage_index(name: str) -> int:
 def stored_prompts(run_dir: Path) -> dict[str, list[str]]:
     """The evaluation prompts of every task seen so far, from the latest stage's stored predictions (every stage
     evaluates all tasks seen by then on the same examples)."""
-    files = sorted((run_dir / "eval").glob("stage_*.samples.json"), key=lambda p: _stage_index(p.name))
+    files = sorted((p for p in (run_dir / "eval").glob("stage_*.samples.json")
+                    if not p.name.endswith(GENERAL_SAMPLES_SUFFIX)), key=lambda p: _stage_index(p.name))
     if not files:
         from mora_dist.run.state import RunStateError
 

@@ -54,7 +54,7 @@ def primary_metric(task: str, task_results: dict) -> str | None:
 def run_general_suite(model, tok, tasks: Sequence[str] = LOCAL_TASKS, limit: int | float | None = None, *,
                       num_fewshot: int | None = None, batch_size: int = 8, synced_gpus: bool = False,
                       bootstrap_iters: int = 0, seed: int = 1234, include_defaults: bool = False,
-                      apply_chat_template: bool = False) -> dict:
+                      apply_chat_template: bool = False, log_samples: bool = False) -> dict:
     """Run lm-eval's ``simple_evaluate`` on a live model and return lm-eval's results dict.
 
     Args:
@@ -70,10 +70,13 @@ def run_general_suite(model, tok, tasks: Sequence[str] = LOCAL_TASKS, limit: int
         include_defaults: index lm-eval's built-in tasks too; turned on automatically when ``tasks`` names a task
             that is not local.
         apply_chat_template: lm-eval's chat-template switch.
+        log_samples: keep lm-eval's per-document records (``samples``: each document's metric values, from which
+            ``results.general_example_scores`` takes the scores the general-change intervals resample).
 
     Returns:
         lm-eval's results dict (``results``, ``versions``, ``n-shot``, ``configs``, ``higher_is_better``,
-        ``n-samples``, ``config``, ...), without per-sample logs. Identical on every rank under torch.distributed.
+        ``n-samples``, ``config``, ..., and ``samples`` with ``log_samples``). Identical on every rank under
+        torch.distributed.
     """
     from lm_eval import simple_evaluate
 
@@ -83,7 +86,7 @@ def run_general_suite(model, tok, tasks: Sequence[str] = LOCAL_TASKS, limit: int
     lm = LiveLM(model, tok, batch_size=batch_size, synced_gpus=synced_gpus)
     results = simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, bootstrap_iters=bootstrap_iters,
-        log_samples=False, task_manager=task_manager(include_defaults=needs_defaults),
+        log_samples=log_samples, task_manager=task_manager(include_defaults=needs_defaults),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         apply_chat_template=apply_chat_template,
     )

@@ -206,7 +206,7 @@ class Orchestrator:
             from mora_dist.evaluation.suite import run_general_suite
 
             general = run_general_suite(model, self.tok, e.general, limit=e.general_limit,
-                                        batch_size=e.batch_size, synced_gpus=self.world > 1)
+                                        batch_size=e.batch_size, synced_gpus=self.world > 1, log_samples=True)
         experts = experts_from_stats(self.dir.stats(index, self.tasks[index])) if index is not None else None
         if self.main:
             write_stage_results(self.dir.root, 0 if index is None else index + 1,

@@ -38,13 +38,15 @@ def reusable_base(source: Path, cfg: RunConfig) -> dict | None:
 
 
 def copy_base(source: Path, target: Path) -> None:
-    """Copy ``source``'s base results (and per-example predictions) into ``target``'s ``eval/`` folder."""
-    from mora_dist.evaluation.results import stage_filename
+    """Copy ``source``'s base results (and per-example predictions and general-suite scores) into ``target``'s
+    ``eval/`` folder, the results file last (it marks the copy complete)."""
+    from mora_dist.evaluation.results import general_samples_path, stage_filename
 
     name = stage_filename(0, None)
     data = read_json(source / "eval" / name)
     data.setdefault("config", {}).update({"run_dir": str(target), "base_results_from": str(source)})
-    samples = source / "eval" / Path(name).with_suffix(".samples.json").name
-    if samples.is_file():
-        atomic_write_json(target / "eval" / samples.name, read_json(samples))
+    for samples in (source / "eval" / Path(name).with_suffix(".samples.json").name,
+                    general_samples_path(source / "eval" / name)):
+        if samples.is_file():
+            atomic_write_json(target / "eval" / samples.name, read_json(samples))
     atomic_write_json(target / "eval" / name, data)

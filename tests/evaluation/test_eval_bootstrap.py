@@ -137,3 +137,109 @@ def test_report_shows_intervals_and_learning_accuracy(tmp_path):
     # LA per task beside the base model's score: A 2/3 after training vs 1/3 at the base
     assert "| A | 0.6667 |" in md and "| 0.3333 | +0.3333 |" in md
     assert "zero-shot rows before task j was learned do not count" in md
+
+
+# The general suite: two tasks, per-document accuracy at the base, after A and after B, in lm-eval's sample layout.
+GEN_BASE = {"G1": [1, 0, 0, 1], "G2": [1, 1]}
+GEN1 = [GEN_BASE, {"G1": [0, 0, 0, 0], "G2": [0, 0]}, {"G1": [1, 1, 0, 1], "G2": [0, 1]}]
+GEN2 = [GEN_BASE, {"G1": [1, 1, 1, 1], "G2": [1, 1]}, {"G1": [1, 1, 1, 1], "G2": [1, 1]}]
+GEN_IDX = [np.array([[0, 1, 2, 3], [1, 1, 1, 1], [0, 0, 2, 2], [1, 2, 3, 3], [3, 3, 3, 3]]),
+           np.array([[0, 1], [0, 0], [1, 1], [1, 0], [0, 1]])]
+
+
+def _lm_eval_general(scores: dict, docs: str = "doc") -> dict:
+    """What ``run_general_suite(..., log_samples=True)`` returns, reduced to what the results files read."""
+    return {"results": {t: {"alias": t, "acc,none": sum(v) / len(v), "acc_stderr,none": "N/A"} for t, v in scores.items()},
+            "samples": {t: [{"doc_id": i, "doc_hash": f"{docs}-{t}-{i}", "filter": "none", "acc": float(x),
+                             "doc": {"q": i}} for i, x in reversed(list(enumerate(v)))] for t, v in scores.items()}}
+
+
+def _write_general_run(run_dir, general_stages, docs: str = "doc"):
+    for stage, (scores, general) in enumerate(zip(RUN1, general_stages)):
+        in_domain = {t: TaskEval(t, "accuracy", sum(v) / len(v), len(v),
+                                 [{"prompt": f"{t} question {i}", "reference": "x", "prediction": "x", "score": float(x)}
+                                  for i, x in enumerate(v)]) for t, v in scores.items()}
+        write_stage_results(run_dir, stage, TASKS[stage - 1] if stage else None, in_domain,
+                            _lm_eval_general(general, docs))
+    return run_dir
+
+
+def test_general_change_intervals_equal_the_hand_computed_resamples(tmp_path):
+    from mora_dist.evaluation.bootstrap import general_intervals, load_general_scores
+    from mora_dist.evaluation.report import rebuild_report
+
+    run = _write_general_run(tmp_path / "g1", GEN1)
+    stored = json.loads((run / "eval" / "stage_02_B.general.samples.json").read_text())
+    assert stored["G1"]["metric"] == "acc,none" and [d["doc_id"] for d in stored["G1"]["examples"]] == [0, 1, 2, 3]
+    assert "samples" not in json.loads((run / "eval" / "stage_02_B.json").read_text())
+    assert load_general_scores(run, 2).counts == [4, 2]
+    # final - base per document: G1 [0, 1, 0, 0], G2 [-1, 0]. Per resample, G1: 1/4, 1, 0, 1/4, 0;
+    # G2: -1/2, -1, 0, -1/2, -1/2; the mean of the two: -1/8, 0, 0, -1/8, -1/4.
+    gi = general_intervals(run, 2, HALF, indices=GEN_IDX)
+    assert gi["available"] and gi["stage"] == 2 and gi["examples"] == {"G1": 4, "G2": 2}
+    assert gi["change"] == pytest.approx([-1 / 8, 0])
+    assert gi["change_per_task"]["G1"] == pytest.approx([0, 1 / 4])
+    assert gi["change_per_task"]["G2"] == pytest.approx([-1 / 2, -1 / 2])
+    # the report: the change after the last task, its interval and the in-domain intervals unchanged
+    ints = run_intervals(run, TASKS, HALF, indices=IDX, general_idx=GEN_IDX)
+    assert ints["general"] == gi and ints["metrics"]["AP"] == pytest.approx([1 / 2, 2 / 3])
+    rep = rebuild_report(run, HALF)
+    md = (run / "report" / "report.md").read_text()
+    # point estimate: G1 3/4 - 1/2 = +1/4, G2 1/2 - 1 = -1/2, mean -1/8
+    assert rep["general"]["change_from_base"][2] == pytest.approx([1 / 4, -1 / 2])
+    lo, hi = rep["intervals"]["general"]["change"]  # the seeded draw's
+    assert f"Mean change after B (mean over the general tasks): -0.1250 [{lo:+.4f}, {hi:+.4f}]" in md
+    assert "G1 +0.2500 [" in md and "G2 -0.5000 [" in md
+
+
+def test_paired_general_change_and_its_absence(tmp_path):
+    d1, d2 = _write_general_run(tmp_path / "m1", GEN1), _write_general_run(tmp_path / "m2", GEN2)
+    out = paired_intervals({"m1": [d1], "m2": [d2]}, TASKS, "m1", HALF, indices=IDX, general_idx=GEN_IDX)
+    # m2 per resample: G1 d = [0, 1, 1, 0] -> 1/2, 1, 1/2, 1/2, 0; G2 d = [0, 0] -> 0; mean 1/4, 1/2, 1/4, 1/4, 0.
+    # m2 - m1: 3/8, 1/2, 1/4, 3/8, 1/4.
+    assert out["general"]["available"] and out["general"]["examples"] == {"G1": 4, "G2": 2}
+    assert out["methods"]["m2"]["general_change"] == pytest.approx([1 / 4, 1 / 4])
+    assert out["methods"]["m1"]["general_change"] == pytest.approx([-1 / 8, 0])
+    diff = out["differences"]["m2"]["general_change"]
+    assert diff["interval"] == pytest.approx([1 / 4, 3 / 8]) and diff["resolved"]
+    assert out["differences"]["m2"]["AP"]["interval"] == pytest.approx([0, 0])  # both runs' in-domain scores: RUN1
+    # compare.md's interval tables gain a general column and its difference (values as build_comparison sets them)
+    from mora_dist.compare_render import _intervals_section
+
+    for per_metric in out["differences"].values():
+        for entry in per_metric.values():
+            entry["value"] = 0.0
+    md = "\n".join(_intervals_section({"intervals": out}))
+    assert "| method | AP | BWT | BWT_trace | FWT | forgetting | LA | general Δ |" in md
+    assert [r for r in md.splitlines() if r.startswith("| m2 |")][0].endswith(" [+0.250, +0.250] |")
+    assert "Δ(general Δ) |" in md and "+0.0000 [+0.250, +0.375] **✓ resolved** |" in md
+    assert "documents per task: G1 4, G2 2" in md
+    # other documents in one run: no general interval, with the reason; the in-domain intervals stand
+    d3 = _write_general_run(tmp_path / "m3", GEN2, docs="other")
+    other = paired_intervals({"m1": [d1], "m3": [d3]}, TASKS, "m1", HALF, indices=IDX)
+    assert not other["general"]["available"] and "other general tasks or documents" in other["general"]["reason"]
+    assert "general_change" not in other["differences"]["m3"] and other["differences"]["m3"]["AP"]["interval"]
+    # a run evaluated without per-document scores (older runs): the same
+    (d3 / "eval" / "stage_00_base.general.samples.json").unlink()
+    missing = paired_intervals({"m1": [d1], "m3": [d3]}, TASKS, "m1", HALF)
+    assert not missing["general"]["available"] and "stage_00_base.general.samples.json" in missing["general"]["reason"]
+    assert run_intervals(d3, TASKS, HALF)["general"]["available"] is False
+    # a stored general score that is not the mean of its documents
+    path = d1 / "eval" / "stage_02_B.general.samples.json"
+    data = json.loads(path.read_text())
+    data["G2"]["examples"][0]["score"] = 1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not the mean of its per-document scores"):
+        paired_intervals({"m1": [d1], "m2": [d2]}, TASKS, "m1", HALF)
+
+
+def test_shared_base_copies_the_general_documents(tmp_path):
+    """The runs of a comparison share the base evaluation: the copy carries the per-document scores too, so the
+    paired general interval of a copied run is available."""
+    from mora_dist.run.shared_base import copy_base
+
+    source = _write_general_run(tmp_path / "first", GEN1)
+    target = tmp_path / "second"
+    copy_base(source, target)
+    for name in ("stage_00_base.samples.json", "stage_00_base.general.samples.json"):
+        assert json.loads((target / "eval" / name).read_text()) == json.loads((source / "eval" / name).read_text())

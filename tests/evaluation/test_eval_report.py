@@ -128,7 +128,8 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     for stage, after in enumerate([None, "t_num", "t_code"]):  # what the orchestrator's evaluate stage does
         in_domain = {name: evaluate_task(model, tok, exs, metrics[name], task=name, batch_size=2)
                      for name, exs in tasks.items()}
-        general = run_general_suite(model, tok, ["local_arc_easy"], limit=2, batch_size=2) if stage != 1 else None
+        general = (run_general_suite(model, tok, ["local_arc_easy"], limit=2, batch_size=2, log_samples=True)
+                   if stage != 1 else None)
         path = write_stage_results(tmp_path, stage, after, in_domain, general)
         paths.append(path)
         assert path.is_file() and set(in_domain) == {"t_num", "t_code"}
@@ -136,7 +137,13 @@ def test_evaluate_stage_end_to_end_on_tiny_model(tmp_path):
     assert data["results"]["local_arc_easy"]["sample_len"] == 2
     assert data["mora_dist"]["in_domain"]["t_code"]["metric"] == "edit_similarity,none"
     assert (tmp_path / "eval" / "stage_00_base.samples.json").is_file()
+    # lm-eval's logged samples: each document's accuracy, whose mean is the stored score; not in the results file
+    docs = json.loads((tmp_path / "eval" / "stage_00_base.general.samples.json").read_text())["local_arc_easy"]
+    assert [d["doc_id"] for d in docs["examples"]] == [0, 1] and docs["metric"] == "acc,none"
+    assert sum(d["score"] for d in docs["examples"]) / 2 == pytest.approx(data["results"]["local_arc_easy"]["acc,none"])
+    assert "samples" not in data and not (tmp_path / "eval" / "stage_01_t_num.general.samples.json").exists()
     rep = rebuild_report(tmp_path)
+    assert rep["intervals"]["general"]["available"] and rep["intervals"]["general"]["stage"] == 2
     assert rep["tasks"] == ["t_num", "t_code"] and len(rep["matrix"]) == 3
     assert rep["general"]["names"] == ["local_arc_easy"] and rep["general"]["matrix"][1] == [None]
     assert rep["matrix"][0][1] == pytest.approx(data["mora_dist"]["in_domain"]["t_code"]["score"])

@@ -223,6 +223,11 @@ def test_general_suite_reaches_the_report(tiny_model_dir, tmp_path):
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["general"]["names"] == ["local_arc_easy"] and len(report["general"]["matrix"]) == 2
     assert (run_dir / "report" / "general_curves.png").is_file()
+    # each document's score is kept, so the change from the base model gets a bootstrap interval
+    gi = report["intervals"]["general"]
+    assert gi["available"] and gi["stage"] == 1 and gi["examples"] == {"local_arc_easy": 3}
+    lo, hi = gi["change"]
+    assert lo <= report["general"]["change_from_base"][1][0] <= hi
 
 
 def test_routing_of_every_stage(reference, tmp_path):
