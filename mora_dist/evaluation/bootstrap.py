@@ -185,8 +185,12 @@ class GeneralScores:
 def load_general_scores(run_dir: str | os.PathLike, T: int) -> GeneralScores:
     """The general suite's per-document scores at every stage of ``run_dir`` (a stream of ``T`` tasks).
 
+    Stages between the base and the last one with general scores may lack their per-document file (runs
+    evaluated in part before these files were kept); those rows stay NaN.
+
     Raises:
-        MissingExampleScores: a stage scored the general suite but stored no per-document scores for a task.
+        MissingExampleScores: the base or the last stage that scored the general suite stored no per-document
+            scores, or a stored file lacks a task.
         ValueError: a general task was scored on other documents at another stage, or a stored score is not the
             mean of its per-document scores.
     """
@@ -197,15 +201,18 @@ def load_general_scores(run_dir: str | os.PathLike, T: int) -> GeneralScores:
     rows: dict[str, dict[int, list[float]]] = {}
     keys: dict[str, list[str]] = {}
     first_seen: dict[str, str] = {}
+    missing: dict[int, Path] = {}
+    last = 0
     for path in sorted(p for p in folder.glob("stage_*.json") if not p.name.endswith(".samples.json")):
         info = json.loads(path.read_text(encoding="utf-8")).get("mora_dist") or {}
         stage, general = info.get("stage"), info.get("general") or {}
         if not isinstance(stage, int) or not 0 <= stage <= T or not general:
             continue
         sample_path = general_samples_path(path)
+        last = max(last, stage)
         if not sample_path.is_file():
-            raise MissingExampleScores(f"{sample_path}: no per-document scores of the general suite stored for "
-                                       f"stage {stage} (evaluations written before they were kept have none)")
+            missing[stage] = sample_path
+            continue
         samples = json.loads(sample_path.read_text(encoding="utf-8"))
         for task, entry in general.items():
             if task not in samples:
@@ -223,6 +230,10 @@ def load_general_scores(run_dir: str | os.PathLike, T: int) -> GeneralScores:
                 raise ValueError(f"{path}: the general score of {task!r} ({entry['score']}) is not the mean of its "
                                  f"per-document scores in {sample_path.name} ({sum(values) / len(values)})")
             rows.setdefault(task, {})[stage] = values
+    for stage in (0, last):  # what the change from the base at the last stage needs; other stages may lack them
+        if stage in missing:
+            raise MissingExampleScores(f"{missing[stage]}: no per-document scores of the general suite stored for "
+                                       f"stage {stage} (evaluations written before they were kept have none)")
     scores = []
     for task in tasks:
         arr = np.full((T + 1, len(keys[task])), np.nan)

@@ -180,6 +180,9 @@ def test_general_change_intervals_equal_the_hand_computed_resamples(tmp_path):
     assert gi["change"] == pytest.approx([-1 / 8, 0])
     assert gi["change_per_task"]["G1"] == pytest.approx([0, 1 / 4])
     assert gi["change_per_task"]["G2"] == pytest.approx([-1 / 2, -1 / 2])
+    # a stage between the base and the last without its file (evaluated before they were kept): the same interval
+    (run / "eval" / "stage_01_A.general.samples.json").unlink()
+    assert general_intervals(run, 2, HALF, indices=GEN_IDX) == gi
     # the report: the change after the last task, its interval and the in-domain intervals unchanged
     ints = run_intervals(run, TASKS, HALF, indices=IDX, general_idx=GEN_IDX)
     assert ints["general"] == gi and ints["metrics"]["AP"] == pytest.approx([1 / 2, 2 / 3])
