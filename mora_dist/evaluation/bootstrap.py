@@ -155,25 +155,10 @@ def load_example_scores(run_dir: str | os.PathLike, tasks: Sequence[str]) -> Exa
 
 
 @dataclass
-class GeneralScores:
-    """Per-document scores of the general suite in one run.
-
-    Attributes:
-        source: the run directory (for error messages).
-        tasks: the general tasks, in the order first evaluated.
-        scores: per general task, a ``(T + 1, n_g)`` array of per-document scores (NaN rows: not evaluated).
-        keys: per general task, one identity string per document (lm-eval's ``doc_id`` and ``doc_hash``).
-    """
-
-    source: str
-    tasks: list[str]
-    scores: list[np.ndarray]
-    keys: list[list[str]]
-
-    @property
-    def counts(self) -> list[int]:
-        """Documents per general task."""
-        return [len(k) for k in self.keys]
+class GeneralScores(ExampleScores):
+    """Per-document scores of the general suite in one run: ``ExampleScores`` whose tasks are the general tasks (in
+    the order first evaluated), with ``(T + 1, n_g)`` arrays (NaN rows: not evaluated) and, as keys, lm-eval's
+    ``doc_id`` and ``doc_hash`` of each document."""
 
     def last_stage(self) -> int | None:
         """The last stage after the base at which every general task was scored (None: only the base, or none)."""
