@@ -26,8 +26,9 @@ Parameter counts come from the last adapter's ``adapter.json`` (per layer d_in, 
 moe_lora), ``adapter_params`` the whole final bank, ``active_params_per_token`` the adapter parameters read to
 compute one token's output (ungated: the whole bank; mora: every key, since all are scored, plus the values of the
 ``min(k, R)`` kept experts; moe_lora: every router row plus the keys and values of the ``top_k`` kept blocks,
-the largest blocks counted). Times are the recorded durations of completed stages; work lost to a crash before a
-stage completed is not counted.
+the largest blocks counted). Times are the recorded durations of completed stages, training counted as the sum of
+its optimizer steps' times, so that a training resumed after a stop counts whole; work lost to a crash (steps
+trained again after it) is not counted.
 """
 
 from __future__ import annotations
@@ -151,6 +152,20 @@ def _stage_seconds(state: dict, suffix: str) -> float:
     return round(sum(d.get("seconds", 0.0) for d in state["done"] if d["stage"].endswith(suffix)), 3)
 
 
+def _times(run_dir: Path, state: dict) -> dict:
+    """Seconds per kind of stage. ``train`` is the sum of the optimizer steps' recorded times (``metrics.jsonl``
+    holds exactly one line per step that counts, so a training resumed after a stop is counted whole; the stage's
+    own duration is only that of its last attempt), falling back to the stage durations without step records;
+    ``total`` is every completed stage's duration with ``train`` in place of the train stages'."""
+    from mora_dist.run.curves import read_metrics
+
+    steps = [r.get("seconds") for r in read_metrics(run_dir) if isinstance(r.get("seconds"), (int, float))]
+    stages = _stage_seconds(state, "/train")
+    train = round(sum(steps), 3) if steps else stages
+    return {"train": train, "evaluate": _stage_seconds(state, "/evaluate"), "stats": _stage_seconds(state, "/stats"),
+            "total": round(_stage_seconds(state, "") - stages + train, 3)}
+
+
 def collect_run(run_dir: Path) -> dict:
     """What the comparison needs from one finished run directory."""
     report = read_json(run_dir / "report" / "report.json")
@@ -179,8 +194,7 @@ def collect_run(run_dir: Path) -> dict:
         "general_change": sum(change) / len(change) if change else None,
         "general_final_change": dict(zip(general.get("names", []), (general.get("change_from_base") or [[]])[-1])),
         "params": parameter_counts(read_json(last_adapter / "adapter.json")),
-        "time_s": {"train": _stage_seconds(state, "/train"), "evaluate": _stage_seconds(state, "/evaluate"),
-                   "stats": _stage_seconds(state, "/stats"), "total": _stage_seconds(state, "")},
+        "time_s": _times(run_dir, state),
         "seeds": {"train": cfg.train.seed, "eval": cfg.eval.seed},
         "samples": {"train_examples": {t: (train.get(t, {}).get("data") or {}).get("examples") for t in tasks},
                     "train_tokens": {t: (train.get(t, {}).get("data") or {}).get("tokens") for t in tasks},

@@ -243,6 +243,7 @@ def _compare(config, *args, fault=None):
 
 @pytest.mark.skipif(not (CL_DATA / "FOMC").is_dir(), reason=f"real data missing: {CL_DATA}")
 def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, tmp_path):
+    from mora_dist.run.curves import read_metrics
     from tests.support.runs import write_config
 
     cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "run")
@@ -261,7 +262,10 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
         assert run["samples"]["train_examples"] == {"FOMC": 16, "NumGLUE-cm": 16}
         assert run["samples"]["train_steps"] == {"FOMC": 4, "NumGLUE-cm": 4}
         assert run["samples"]["eval_examples"] == {"FOMC": 4, "NumGLUE-cm": 4}
-        assert run["time_s"]["train"] > 0
+        # training time: the sum of the steps that count (mora's FOMC was killed at step 3 and resumed)
+        steps = [r["seconds"] for r in read_metrics(tmp_path / f"run-{name}")]
+        assert len(steps) == 8 and run["time_s"]["train"] == pytest.approx(sum(steps), abs=1e-3)
+        assert run["time_s"]["total"] > run["time_s"]["train"] + run["time_s"]["evaluate"]
     # same stream and data: identical base-model rows
     rows = [json.loads((tmp_path / f"run-{m}" / "report" / "report.json").read_text())["matrix"][0]
             for m in comp["methods"]]
