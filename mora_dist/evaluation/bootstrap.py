@@ -231,9 +231,7 @@ def load_general_scores(run_dir: str | os.PathLike, T: int) -> GeneralScores:
 def general_indices(counts: Sequence[int], settings: BootstrapSettings) -> list[np.ndarray]:
     """Per general task, a ``(B, n_g)`` array of document indices drawn with replacement; seeded apart from the
     in-domain draw (``resample_indices``), which therefore does not depend on the general suite."""
-    rng = np.random.default_rng([settings.seed, 1])
-    return [rng.integers(0, n, size=(settings.resamples, n)) if n else np.zeros((settings.resamples, 0), int)
-            for n in counts]
+    return _draw(counts, settings.resamples, np.random.default_rng([settings.seed, 1]))
 
 
 def general_change_replicates(run: GeneralScores, indices: Sequence[np.ndarray], stage: int) -> dict:
@@ -262,7 +260,7 @@ def general_intervals(run_dir: str | os.PathLike, T: int, settings: BootstrapSet
         run = load_general_scores(run_dir, T)
     except MissingExampleScores as err:
         return {"available": False, "reason": str(err)}
-    stage = run.last_stage() if run.tasks else None
+    stage = run.last_stage()
     if stage is None:
         return {"available": False, "reason": "no general-suite scores at the base and a later stage"}
     reps = general_change_replicates(run, general_indices(run.counts, settings) if indices is None else indices,
@@ -288,9 +286,12 @@ def check_paired(runs: Mapping[str, ExampleScores]) -> None:
 
 def resample_indices(counts: Sequence[int], settings: BootstrapSettings) -> list[np.ndarray]:
     """Per task, a ``(B, n_j)`` array of indices drawn with replacement from ``range(n_j)``, seeded."""
-    rng = np.random.default_rng(settings.seed)
-    return [rng.integers(0, n, size=(settings.resamples, n)) if n else np.zeros((settings.resamples, 0), int)
-            for n in counts]
+    return _draw(counts, settings.resamples, np.random.default_rng(settings.seed))
+
+
+def _draw(counts: Sequence[int], resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per count ``n``, a ``(resamples, n)`` array of indices drawn with replacement from ``range(n)``."""
+    return [rng.integers(0, n, size=(resamples, n)) if n else np.zeros((resamples, 0), int) for n in counts]
 
 
 def _weights(indices: np.ndarray, n: int) -> np.ndarray:
