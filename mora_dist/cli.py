@@ -72,7 +72,7 @@ def _cmd_compare(args) -> int:
     from mora_dist.compare import parse_methods, parse_seeds, run_compare
 
     return run_compare(args.config, parse_methods(args.methods), args.overrides, seeds=parse_seeds(args.seeds),
-                       bootstrap=_bootstrap(args))
+                       bootstrap=_bootstrap(args), collect_only=args.collect_only)
 
 
 def _cmd_status(args) -> int:
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default=None,
                    help="comma-separated training seeds (train.seed): one run per method and seed in "
                         "<run_dir>-<method>-seed<S>, reported as mean ± spread over seeds")
+    c.add_argument("--collect-only", action="store_true",
+                   help="run nothing: write the comparison from the methods' finished run directories (e.g. each "
+                        "method run as its own job with --methods <one>)")
     _bootstrap_options(c)
     c.set_defaults(func=_cmd_compare)
 

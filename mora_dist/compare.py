@@ -90,11 +90,14 @@ def compare_dir(config: str | os.PathLike, overrides: list[str]) -> Path:
 
 
 def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[str], limits=None,
-                seeds: list[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> int:
+                seeds: list[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings(),
+                collect_only: bool = False) -> int:
     """Run (or resume) every method (for every seed) in turn, then write the comparison; returns the exit code.
 
     A run that stops early (a signal, a limit) ends the command with its code; the comparison is written once
-    every run is complete. Without ``seeds`` each method runs once with the config's ``train.seed``.
+    every run is complete. Without ``seeds`` each method runs once with the config's ``train.seed``. With
+    ``collect_only`` nothing runs: the comparison is written from run directories finished elsewhere (one job per
+    method, say), each checked by ``finished_run_dir``.
     """
     from mora_dist.run.orchestrator import run
     from mora_dist.run.state import RunDir, RunState
@@ -104,6 +107,9 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
     for seed in seeds or [None]:
         for name in methods:
             cfg = method_config(config, overrides, name, seed)
+            if collect_only:
+                run_dirs[name].append(finished_run_dir(cfg, name))
+                continue
             label = name if seed is None else f"{name}, seed {seed}"
             print(f"[mora-dist compare] method {label}: {cfg.run_dir}", flush=True)
             code = run(cfg, limits, base_from=first)
@@ -127,6 +133,40 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
 
 
 # ---------------------------------------------------------------------------------------------- collecting
+COLLECT_IGNORED_KEYS = ("run_dir", "data.root")  # where a run lived and read its data, not what it computed
+
+
+def finished_run_dir(cfg: RunConfig, method: str) -> Path:
+    """``cfg.run_dir``, checked to hold a finished run of ``cfg`` (for ``--collect-only``).
+
+    The stored config must equal ``cfg`` but for ``COLLECT_IGNORED_KEYS`` (a run finished on another machine keeps
+    its own paths; the comparison still checks that every run scored the same test examples).
+
+    Raises:
+        ConfigError: no run there, a run of another config (the differing keys are named), or one not finished.
+    """
+    from mora_dist.run.state import RunDir, RunState, config_differences
+
+    root = Path(cfg.run_dir)
+    stored = root / "config.yaml"
+    if not stored.is_file():
+        raise ConfigError(f"{root}: no run of method {method} here (no config.yaml); run it first "
+                          f"(mora-dist compare CONFIG --methods {method} with the same overrides), or drop "
+                          "--collect-only")
+    differ = [k for k in config_differences(load_config(stored).to_dict(), cfg.to_dict())
+              if k not in COLLECT_IGNORED_KEYS]
+    if differ:
+        raise ConfigError(f"{stored}: this run of method {method} used another config ({', '.join(differ[:6])}"
+                          f"{' ...' if len(differ) > 6 else ''} differ); compare runs of the same config and "
+                          "overrides")
+    state = RunState(RunDir(root), [t.name for t in cfg.tasks], persist=False)
+    if not state.finished:
+        pending = state.pending()
+        raise ConfigError(f"{root}: the run of method {method} is not finished ({len(pending)} stages to go, next "
+                          f"{pending[0]}); finish it (rerun its command), or drop --collect-only")
+    return root
+
+
 def parameter_counts(adapter_json: dict) -> dict:
     """Trainable parameters per task, parameters of the final bank, and active parameters per token."""
     mora = MoRAConfig.upgrade_legacy(adapter_json["mora"])  # also adapters saved with gated + gate

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -250,6 +251,9 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     killed = _compare(cfg, "--methods", "mora,seq_lora", fault="train_step:FOMC#3")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "run-mora" / "ckpt").is_dir() and not (tmp_path / "run-seq_lora").exists()
+    early = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only")  # nothing to collect yet: one clear error
+    assert early.returncode == 2 and "run-mora: the run of method mora is not finished" in early.stderr, early.stderr
+    assert not (tmp_path / "run-compare").exists() and not (tmp_path / "run-seq_lora").exists()
     proc = _compare(cfg, "--methods", "mora,seq_lora")
     assert proc.returncode == 0, proc.stderr[-3000:]
     comp = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
@@ -306,6 +310,17 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     assert all(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith(".B"))
     again = _compare(cfg, "--methods", "mora,seq_lora")  # finished: nothing redone
     assert again.returncode == 0 and again.stdout.count("nothing to do") == 2
+    # --collect-only writes the same comparison from the finished runs, running nothing; it refuses a method never
+    # run and a run of another config, naming the key
+    shutil.rmtree(tmp_path / "run-compare")
+    collected = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only")
+    assert collected.returncode == 0 and "[mora-dist]" not in collected.stdout, collected.stderr[-2000:]
+    assert json.loads((tmp_path / "run-compare" / "compare.json").read_text()) == comp
+    missing = _compare(cfg, "--methods", "mora,olora", "--collect-only")
+    assert missing.returncode == 2 and "no run of method olora" in missing.stderr, missing.stderr
+    other = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", "train.lr=1e-3")
+    assert other.returncode == 2 and "used another config (train.lr differ)" in other.stderr, other.stderr
+    assert not (tmp_path / "run-olora").exists()
 
     # an ungated bank without pruning collects no statistics (nothing to decide, every expert always used)
     seq_state = json.loads((tmp_path / "run-seq_lora" / "state.json").read_text())["done"]

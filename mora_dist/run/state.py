@@ -234,7 +234,7 @@ def prepare_run_dir(run_dir: RunDir, cfg, world_size: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     cfg_file = root / "config.yaml"
     if cfg_file.is_file():
-        differ = _differences(load_config(cfg_file).to_dict(), cfg.to_dict())
+        differ = config_differences(load_config(cfg_file).to_dict(), cfg.to_dict())
         if differ:
             raise ConfigError(
                 f"{cfg_file}: this run directory was started with another config ({', '.join(differ[:6])}"
@@ -246,16 +246,16 @@ def prepare_run_dir(run_dir: RunDir, cfg, world_size: int) -> None:
                                               "transformers": transformers.__version__, "world_size": world_size})
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
+def config_differences(a, b, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts/lists."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out += config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         out = []
         for i, (x, y) in enumerate(zip(a, b)):
-            out += _differences(x, y, f"{prefix}.{i}")
+            out += config_differences(x, y, f"{prefix}.{i}")
         return out
     return [] if a == b else [prefix or "<root>"]
