@@ -316,6 +316,15 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     collected = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only")
     assert collected.returncode == 0 and "[mora-dist]" not in collected.stdout, collected.stderr[-2000:]
     assert json.loads((tmp_path / "run-compare" / "compare.json").read_text()) == comp
+    # the same from copies without weights or checkpoints (results kept elsewhere): run_dir differs, nothing else
+    for name in ("mora", "seq_lora"):
+        shutil.copytree(tmp_path / f"run-{name}", tmp_path / f"kept-{name}",
+                        ignore=shutil.ignore_patterns("*.safetensors", "ckpt", "lock"))
+    kept = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", f"run_dir={tmp_path / 'kept'}")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    moved = json.loads((tmp_path / "kept-compare" / "compare.json").read_text())
+    assert {m: r["metrics"] for m, r in moved["runs"].items()} == {m: r["metrics"] for m, r in comp["runs"].items()}
+    assert moved["intervals"] == comp["intervals"] and moved["runs"]["mora"]["run_dir"] == str(tmp_path / "kept-mora")
     missing = _compare(cfg, "--methods", "mora,olora", "--collect-only")
     assert missing.returncode == 2 and "no run of method olora" in missing.stderr, missing.stderr
     other = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", "train.lr=1e-3")
