@@ -145,7 +145,7 @@ def finished_run_dir(cfg: RunConfig, method: str) -> Path:
     Raises:
         ConfigError: no run there, a run of another config (the differing keys are named), or one not finished.
     """
-    from mora_dist.run.state import RunDir, RunState, config_differences
+    from mora_dist.run.state import RunDir, RunState, config_differences, keys_text
 
     root = Path(cfg.run_dir)
     stored = root / "config.yaml"
@@ -156,9 +156,8 @@ def finished_run_dir(cfg: RunConfig, method: str) -> Path:
     differ = [k for k in config_differences(load_config(stored).to_dict(), cfg.to_dict())
               if k not in COLLECT_IGNORED_KEYS]
     if differ:
-        raise ConfigError(f"{stored}: this run of method {method} used another config ({', '.join(differ[:6])}"
-                          f"{' ...' if len(differ) > 6 else ''} differ); compare runs of the same config and "
-                          "overrides")
+        raise ConfigError(f"{stored}: this run of method {method} used another config ({keys_text(differ)} "
+                          "differ); compare runs of the same config and overrides")
     state = RunState(RunDir(root), [t.name for t in cfg.tasks], persist=False)
     if not state.finished:
         pending = state.pending()

@@ -237,13 +237,18 @@ def prepare_run_dir(run_dir: RunDir, cfg, world_size: int) -> None:
         differ = config_differences(load_config(cfg_file).to_dict(), cfg.to_dict())
         if differ:
             raise ConfigError(
-                f"{cfg_file}: this run directory was started with another config ({', '.join(differ[:6])}"
-                f"{' ...' if len(differ) > 6 else ''} differ); rerun with the same config and overrides, "
+                f"{cfg_file}: this run directory was started with another config ({keys_text(differ)} differ); "
+                "rerun with the same config and overrides, "
                 "or use another run_dir")
     else:
         atomic_write_text(cfg_file, dump_config(cfg))
     atomic_write_json(root / "version.json", {"mora_dist": __version__, "torch": torch.__version__,
                                               "transformers": transformers.__version__, "world_size": world_size})
+
+
+def keys_text(keys: list[str], shown: int = 6) -> str:
+    """The first ``shown`` dotted keys, comma-separated, with `` ...`` when there are more."""
+    return ", ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")
 
 
 def config_differences(a, b, prefix: str = "") -> list[str]:
