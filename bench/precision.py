@@ -90,20 +90,18 @@ def main() -> dict:
         max_rel = max(max_rel, abs(losses["bfloat16"] - losses["float32"]) / abs(losses["float32"]))
 
     gen_s = {k: [] for k in models}
-    gen_batch = collate(encoded[:n], tok.pad_token_id)
-    prompt_mask = gen_batch["labels"] == -100
+    # the first micro-batch's prompts alone (tokens before the answer), left-padded for generation
+    ids = [torch.tensor(e["input_ids"])[torch.tensor(e["labels"]) == -100] for e in encoded[:n]]
+    width = max(len(r) for r in ids)
+    inp = torch.full((len(ids), width), tok.pad_token_id)
+    att = torch.zeros((len(ids), width), dtype=torch.long)
+    for j, r in enumerate(ids):
+        inp[j, width - len(r):] = r
+        att[j, width - len(r):] = 1
     outs = {}
     for rep in range(3):
         for name in (list(models) if rep % 2 == 0 else list(reversed(models))):
             m = models[name].eval()
-            # the prompts alone: the answer tokens are masked out of attention and the ids left-padded by collate
-            ids = [row[mask] for row, mask in zip(gen_batch["input_ids"], prompt_mask & gen_batch["attention_mask"].bool())]
-            width = max(len(r) for r in ids)
-            inp = torch.full((len(ids), width), tok.pad_token_id)
-            att = torch.zeros((len(ids), width), dtype=torch.long)
-            for j, r in enumerate(ids):
-                inp[j, width - len(r):] = r
-                att[j, width - len(r):] = 1
             start = time.perf_counter()
             with torch.no_grad():
                 out = m.generate(input_ids=inp, attention_mask=att, max_new_tokens=8, do_sample=False,

@@ -28,7 +28,8 @@ def hashed(prompt: str) -> str:
 
 def keep(run_dir: Path, into: Path) -> Path:
     if not (run_dir / "state.json").is_file() or not (run_dir / "report" / "report.json").is_file():
-        sys.exit(f"{run_dir}: not a finished run directory (no state.json or report/report.json)")
+        sys.exit(f"{run_dir}: not a run directory with a report (no state.json or report/report.json); "
+                 "--collect-only checks later that the run is finished")
     dest = into / run_dir.name
     tmp = into / f".{run_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
