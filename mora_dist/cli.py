@@ -69,10 +69,12 @@ def _bootstrap(args):
 
 
 def _cmd_compare(args) -> int:
-    from mora_dist.compare import parse_methods, parse_seeds, run_compare
+    from mora_dist.compare import parse_method_overrides, parse_methods, parse_seeds, run_compare
 
-    return run_compare(args.config, parse_methods(args.methods), args.overrides, seeds=parse_seeds(args.seeds),
-                       bootstrap=_bootstrap(args), collect_only=args.collect_only)
+    methods = parse_methods(args.methods)
+    return run_compare(args.config, methods, args.overrides, seeds=parse_seeds(args.seeds),
+                       bootstrap=_bootstrap(args), collect_only=args.collect_only,
+                       method_overrides=parse_method_overrides(args.method_override, methods))
 
 
 def _cmd_status(args) -> int:
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default=None,
                    help="comma-separated training seeds (train.seed): one run per method and seed in "
                         "<run_dir>-<method>-seed<S>, reported as mean ± spread over seeds")
+    c.add_argument("--method-override", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="one method's own setting on top of the shared config and overrides, e.g. its own tuned "
+                        "learning rate: --method-override mora:train.lr=2e-3 (repeatable)")
     c.add_argument("--collect-only", action="store_true",
                    help="run nothing: write the comparison from the methods' finished run directories (e.g. each "
                         "method run as its own job with --methods <one>)")

@@ -75,11 +75,43 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def method_config(config: str | os.PathLike, overrides: list[str], name: str, seed: int | None = None) -> RunConfig:
-    """The run config of one method (and training seed): shared config and overrides, method, own run directory."""
+# keys a method's own override may not set: the compared name decides the method, and every run's directory is
+# ``<run_dir>-<method>`` so that resuming and ``--collect-only`` find it
+_SHARED_ONLY = ("method", "run_dir")
+
+
+def parse_method_overrides(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, list[str]]:
+    """``--method-override METHOD:KEY=VALUE`` (repeatable) as ``{method: [KEY=VALUE, ...]}``, checked.
+
+    A method's own settings on top of the shared config and overrides, e.g. each method at its own tuned learning
+    rate (``mora:train.lr=2e-3``). The keys and values are checked when the method's config is built.
+    """
+    out: dict[str, list[str]] = {}
+    for text in values or []:
+        name, sep, setting = text.partition(":")
+        name, setting = name.strip(), setting.strip()
+        key = setting.split("=", 1)[0].strip()
+        if not sep or "=" not in setting or not name or not key:
+            raise ConfigError(f"--method-override {text!r}: give METHOD:KEY=VALUE, e.g. "
+                              "--method-override mora:train.lr=2e-3")
+        if name not in methods:
+            raise ConfigError(f"--method-override {text!r}: {name!r} is not among --methods "
+                              f"({', '.join(methods)}); name one of them")
+        if key in _SHARED_ONLY:
+            raise ConfigError(f"--method-override {text!r}: {key} cannot differ per method (the method is the "
+                              "--methods name; the run directories are <run_dir>-<method>); set run_dir as an "
+                              "ordinary override for every method")
+        out.setdefault(name, []).append(setting)
+    return out
+
+
+def method_config(config: str | os.PathLike, overrides: list[str], name: str, seed: int | None = None,
+                  own: Sequence[str] = ()) -> RunConfig:
+    """The run config of one method (and training seed): shared config and overrides, method, the method's own
+    overrides ``own`` (``--method-override``), own run directory."""
     base = load_config(config, overrides)
     method, extra = VARIANTS[name]
-    extra = list(extra) + ([f"train.seed={seed}"] if seed is not None else [])
+    extra = list(extra) + list(own) + ([f"train.seed={seed}"] if seed is not None else [])
     cfg = load_config(config, list(overrides) + [f"method={method}"] + extra)
     cfg.run_dir = f"{base.run_dir}-{name}" + (f"-seed{seed}" if seed is not None else "")
     return cfg
@@ -91,13 +123,14 @@ def compare_dir(config: str | os.PathLike, overrides: list[str]) -> Path:
 
 def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[str], limits=None,
                 seeds: list[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings(),
-                collect_only: bool = False) -> int:
+                collect_only: bool = False, method_overrides: Mapping[str, Sequence[str]] | None = None) -> int:
     """Run (or resume) every method (for every seed) in turn, then write the comparison; returns the exit code.
 
     A run that stops early (a signal, a limit) ends the command with its code; the comparison is written once
     every run is complete. Without ``seeds`` each method runs once with the config's ``train.seed``. With
     ``collect_only`` nothing runs: the comparison is written from run directories finished elsewhere (one job per
-    method, say), each checked by ``finished_run_dir``.
+    method, say), each checked by ``finished_run_dir``. ``method_overrides`` (``parse_method_overrides``) are each
+    method's own settings; they are part of its run's config, so a changed one is refused like any changed setting.
     """
     from mora_dist.run.orchestrator import run
     from mora_dist.run.state import RunDir, RunState
@@ -106,7 +139,7 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
     first: Path | None = None  # the base model's evaluation is computed once (run/shared_base.py)
     for seed in seeds or [None]:
         for name in methods:
-            cfg = method_config(config, overrides, name, seed)
+            cfg = method_config(config, overrides, name, seed, (method_overrides or {}).get(name, ()))
             if collect_only:
                 run_dirs[name].append(finished_run_dir(cfg, name))
                 continue
@@ -123,7 +156,8 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
             run_dirs[name].append(Path(cfg.run_dir))
     out = compare_dir(config, overrides)
     try:
-        comparison = write_comparison(run_dirs, out, seeds=seeds, bootstrap=bootstrap)
+        comparison = write_comparison(run_dirs, out, seeds=seeds, bootstrap=bootstrap,
+                                      method_overrides=method_overrides)
     except ValueError as err:  # runs that cannot be compared (another stream, other test examples)
         raise ConfigError(f"cannot compare the runs: {err}") from err
     summary = comparison["aggregate"] if seeds else comparison["runs"]
@@ -261,13 +295,15 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Sequence[int] | None = None,
-                     bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
+                     bootstrap: BootstrapSettings = BootstrapSettings(),
+                     method_overrides: Mapping[str, Sequence[str]] | None = None) -> dict:
     """The ``compare.json`` content for finished runs of one stream.
 
     Args:
         run_dirs: ``{method: run_dir}``, or ``{method: [run_dir per seed]}`` in the order of ``seeds``.
         seeds: the training seeds (``None``: one run per method with the config's seed).
         bootstrap: settings of the paired bootstrap.
+        method_overrides: each method's own settings (``--method-override``), recorded as given.
     """
     groups = {m: [Path(d)] if isinstance(d, (str, os.PathLike)) else [Path(x) for x in d]
               for m, d in run_dirs.items()}
@@ -294,7 +330,8 @@ def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Seque
         for k, entry in per_metric.items():
             entry["value"] = spread(diffs[m][k])["mean"]
     comp = {"tasks": tasks, "methods": list(groups), "reference": reference, "intervals": intervals,
-            "conventions": dict(FORGETTING_CONVENTIONS)}
+            "conventions": dict(FORGETTING_CONVENTIONS),
+            "method_overrides": {m: list(v) for m, v in (method_overrides or {}).items() if v}}
     if seeds is None:
         comp["runs"] = {m: rs[0] for m, rs in runs.items()}
     else:
@@ -310,11 +347,12 @@ def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Seque
 
 
 def write_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], out_dir: str | os.PathLike,
-                     seeds: Sequence[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> dict:
+                     seeds: Sequence[int] | None = None, bootstrap: BootstrapSettings = BootstrapSettings(),
+                     method_overrides: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out_dir``; returns the JSON content."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    comp = build_comparison(run_dirs, seeds, bootstrap)
+    comp = build_comparison(run_dirs, seeds, bootstrap, method_overrides)
     render_figure(comp, out / "compare.png")
     comp["figures"] = ["compare.png"]
     atomic_write_json(out / "compare.json", comp)

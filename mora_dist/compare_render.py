@@ -161,6 +161,9 @@ def render_markdown(comp: dict) -> str:
                     if r["settings"]["olora"] else "–"), r["settings"]["lr"],
                    r["settings"]["max_steps"] if r["settings"]["max_steps"] else r["settings"]["epochs"]]
                   for m, r in runs.items()])
+    if comp.get("method_overrides"):
+        out += ["", "Each method's own settings on top of the shared config (`--method-override`): " + "; ".join(
+            f"{m}: {', '.join(f'`{o}`' for o in v)}" for m, v in comp["method_overrides"].items()) + "."]
     out += ["", "## Final score per task", ""]
     if multi:
         out += table(["method", "seed"] + tasks, [[m, s] + [fmt(r["final_scores"][t]) for t in tasks]

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,17 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
     assert missing.returncode == 2 and "no run of method olora" in missing.stderr, missing.stderr
     other = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", "train.lr=1e-3")
     assert other.returncode == 2 and "used another config (train.lr differ)" in other.stderr, other.stderr
+    # a method's own setting is part of its run's config: refused for seq_lora's run, which used the shared lr ...
+    own_lr = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", "--method-override", "seq_lora:train.lr=1e-3")
+    assert own_lr.returncode == 2 and "run-seq_lora/config.yaml: this run of method seq_lora used another config " \
+        "(train.lr differ)" in own_lr.stderr, own_lr.stderr
+    # ... and accepted where it is what the run used, recorded in compare.json and compare.md
+    same = _compare(cfg, "--methods", "mora,seq_lora", "--collect-only", "--method-override",
+                    "seq_lora:train.lr=0.005", "--method-override", "seq_lora:mora.r_task=4")
+    assert same.returncode == 0, same.stderr[-2000:]
+    recorded = json.loads((tmp_path / "run-compare" / "compare.json").read_text())
+    assert recorded["method_overrides"] == {"seq_lora": ["train.lr=0.005", "mora.r_task=4"]}
+    assert "seq_lora: `train.lr=0.005`, `mora.r_task=4`" in (tmp_path / "run-compare" / "compare.md").read_text()
     assert not (tmp_path / "run-olora").exists()
 
     # an ungated bank without pruning collects no statistics (nothing to decide, every expert always used)
@@ -381,6 +393,28 @@ def test_base_results_are_shared_only_when_every_setting_they_depend_on_is_equal
     other = load_config(source / "config.yaml")
     other.tasks[1].max_new_tokens = 2
     assert reusable_base(source, other) is None
+
+
+def test_method_overrides_apply_to_their_method_only_and_are_checked(tmp_path):
+    from mora_dist.compare import method_config, parse_method_overrides
+
+    methods_ = ["mora", "seq_lora", "mora_noprune"]
+    own = parse_method_overrides(["mora:train.lr=2e-3", "mora_noprune: train.lr=1e-3", "mora:mora.k=4"], methods_)
+    assert own == {"mora": ["train.lr=2e-3", "mora.k=4"], "mora_noprune": ["train.lr=1e-3"]}
+    shared = ["train.lr=5e-4", f"run_dir={tmp_path / 'run'}"]
+    cfgs = {m: method_config(None, shared, m, own=own.get(m, ())) for m in methods_}
+    assert {m: c.train.lr for m, c in cfgs.items()} == {"mora": 2e-3, "seq_lora": 5e-4, "mora_noprune": 1e-3}
+    assert (cfgs["mora"].mora.k, cfgs["mora_noprune"].mora.k) == (4, load_config(None).mora.k)
+    assert cfgs["mora_noprune"].prune.enabled is False and cfgs["mora"].run_dir == str(tmp_path / "run-mora")
+    assert method_config(None, shared, "mora", seed=3, own=["train.seed=9"]).train.seed == 3  # --seeds decides
+    for bad, says in (("mora", "give METHOD:KEY=VALUE"), ("mora:train.lr", "give METHOD:KEY=VALUE"),
+                      (":train.lr=1", "give METHOD:KEY=VALUE"), ("olora:train.lr=1e-3", "'olora' is not among"),
+                      ("mora:method=olora", "method cannot differ per method"),
+                      ("seq_lora:run_dir=x", "run_dir cannot differ per method")):
+        with pytest.raises(ConfigError, match=f"--method-override '{re.escape(bad)}'.*{re.escape(says)}"):
+            parse_method_overrides([bad], methods_)
+    with pytest.raises(ConfigError, match="train.lrr"):  # keys are checked where the method's config is built
+        method_config(None, shared, "mora", own=["train.lrr=1"])
 
 
 def test_spread_over_seeds_and_seed_parsing():
