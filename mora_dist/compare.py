@@ -16,7 +16,8 @@ after a crash and finished runs are skipped. The base model is evaluated once: t
   ``mora`` when compared, else the first method), each marked resolved when its interval excludes 0, and, when the
   runs stored their general-suite documents' scores, of the general-capability change (``general_change``);
 * ``compare.md``: the same as tables;
-* ``compare.png``: final score per task per method, and AP / BWT per method.
+* ``compare.png``: final score per task per method, AP / BWT per method, and each method's learning accuracy against
+  its forgetting (plasticity against stability), with the bootstrap intervals.
 
 Besides the four methods, the variants of ``mora_dist.methods.VARIANTS`` run (``mora_noprune``: ``mora`` with
 ``prune.enabled=false``).

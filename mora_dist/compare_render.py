@@ -188,10 +188,34 @@ def render_markdown(comp: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_figure(comp: dict, path: Path) -> Path:
-    """Final score per task per method (grouped bars; mean over seeds) and AP / BWT per method.
+def plane_points(comp: dict) -> dict:
+    """Each method's point in the plasticity / stability plane: ``{method: {forgetting, LA, forgetting_ci, LA_ci}}``.
 
-    The AP / BWT bars carry the bootstrap interval as error bars when there is one.
+    Means over seeds; the intervals are the bootstrap's (``None`` without one), clipped to contain the point.
+    Methods without a forgetting value (a one-task stream) are left out.
+    """
+    seed_runs = comp.get("seed_runs") or {m: {"": r} for m, r in comp["runs"].items()}
+    ints = comp["intervals"].get("methods") if comp["intervals"].get("available") else None
+    points = {}
+    for m, runs in seed_runs.items():
+        point = {}
+        for key in ("forgetting", "LA"):
+            v = [r["metrics"][key] for r in runs.values() if r["metrics"][key] is not None]
+            point[key] = sum(v) / len(v) if v else None
+            ci = (ints or {}).get(m, {}).get(key)
+            point[f"{key}_ci"] = None if ci is None or point[key] is None else \
+                (min(ci[0], point[key]), max(ci[1], point[key]))
+        if point["forgetting"] is not None and point["LA"] is not None:
+            points[m] = point
+    return points
+
+
+def render_figure(comp: dict, path: Path) -> Path:
+    """Final score per task per method (grouped bars; mean over seeds), AP / BWT per method, and each method in the
+    plane of plasticity (learning accuracy LA) against stability (forgetting).
+
+    The AP / BWT bars and the LA / forgetting points carry the bootstrap intervals as error bars when there are any:
+    a method that forgets little because it learns little shows low on the plane, not only left.
     """
     import matplotlib
 
@@ -202,7 +226,10 @@ def render_figure(comp: dict, path: Path) -> Path:
     seed_runs = comp.get("seed_runs") or {m: {"": r} for m, r in comp["runs"].items()}
     names = list(seed_runs)
     ints = comp["intervals"].get("methods") if comp["intervals"].get("available") else None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9.0, 1.2 * len(tasks) * len(names) / 2 + 6), 4.5))
+    points = plane_points(comp)  # none for a one-task stream: no third panel
+    fig, axes = plt.subplots(1, 3 if points else 2,
+                             figsize=(max(9.0, 1.2 * len(tasks) * len(names) / 2 + 6) + (4.5 if points else 0), 4.5))
+    ax1, ax2 = axes[:2]
     width = 0.8 / len(names)
     for i, m in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
@@ -225,6 +252,15 @@ def render_figure(comp: dict, path: Path) -> Path:
     ax2.axhline(0, color="black", linewidth=0.8)
     ax2.set_xticks(range(len(names)), labels=names)
     ax2.set_title("AP and BWT per method" + (" (bootstrap intervals)" if ints else "")), ax2.legend(fontsize=8)
+    for m, pt in points.items():  # each method in the colour of its bars
+        axes[2].errorbar([pt["forgetting"]], [pt["LA"]], fmt="o", capsize=3, label=m, color=f"C{names.index(m)}",
+                     xerr=None if pt["forgetting_ci"] is None else
+                     [[pt["forgetting"] - pt["forgetting_ci"][0]], [pt["forgetting_ci"][1] - pt["forgetting"]]],
+                     yerr=None if pt["LA_ci"] is None else [[pt["LA"] - pt["LA_ci"][0]], [pt["LA_ci"][1] - pt["LA"]]])
+    if points:
+        axes[2].set_xlabel("forgetting (lower: more stable)")
+        axes[2].set_ylabel("learning accuracy LA (higher: more plastic)")
+        axes[2].set_title("Plasticity against forgetting"), axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

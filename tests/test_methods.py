@@ -417,6 +417,25 @@ def test_method_overrides_apply_to_their_method_only_and_are_checked(tmp_path):
         method_config(None, shared, "mora", own=["train.lrr=1"])
 
 
+def test_plane_points_are_the_means_over_seeds_with_their_intervals():
+    from mora_dist.compare_render import plane_points
+
+    def run(forgetting, la):
+        return {"metrics": {"forgetting": forgetting, "LA": la}}
+
+    comp = {"seed_runs": {"mora": {"0": run(0.1, 0.5), "1": run(0.3, 0.7)}, "seq_lora": {"0": run(None, 0.9),
+                                                                                         "1": run(None, 0.8)}},
+            "intervals": {"available": True, "methods": {"mora": {"forgetting": [0.15, 0.25], "LA": [0.65, 0.7]},
+                                                          "seq_lora": {"forgetting": None, "LA": [0.8, 0.9]}}}}
+    points = plane_points(comp)
+    assert list(points) == ["mora"]  # no forgetting (a one-task stream): not on the plane
+    assert points["mora"]["forgetting"] == pytest.approx(0.2) and points["mora"]["LA"] == pytest.approx(0.6)
+    assert points["mora"]["forgetting_ci"] == (0.15, 0.25)
+    assert points["mora"]["LA_ci"] == pytest.approx((0.6, 0.7))  # widened to contain the mean
+    single = {"runs": {"olora": run(0.05, 0.4)}, "intervals": {"available": False}}
+    assert plane_points(single) == {"olora": {"forgetting": 0.05, "LA": 0.4, "forgetting_ci": None, "LA_ci": None}}
+
+
 def test_spread_over_seeds_and_seed_parsing():
     from mora_dist.compare import parse_seeds, spread
 
