@@ -188,14 +188,20 @@ def render_markdown(comp: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _seed_runs_and_intervals(comp: dict) -> tuple[dict, dict | None]:
+    """``{method: {seed: run}}`` (one unnamed seed without ``--seeds``) and the per-method bootstrap intervals
+    (``None`` without them)."""
+    seed_runs = comp.get("seed_runs") or {m: {"": r} for m, r in comp["runs"].items()}
+    return seed_runs, comp["intervals"].get("methods") if comp["intervals"].get("available") else None
+
+
 def plane_points(comp: dict) -> dict:
     """Each method's point in the plasticity / stability plane: ``{method: {forgetting, LA, forgetting_ci, LA_ci}}``.
 
     Means over seeds; the intervals are the bootstrap's (``None`` without one), clipped to contain the point.
     Methods without a forgetting value (a one-task stream) are left out.
     """
-    seed_runs = comp.get("seed_runs") or {m: {"": r} for m, r in comp["runs"].items()}
-    ints = comp["intervals"].get("methods") if comp["intervals"].get("available") else None
+    seed_runs, ints = _seed_runs_and_intervals(comp)
     points = {}
     for m, runs in seed_runs.items():
         point = {}
@@ -223,9 +229,8 @@ def render_figure(comp: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = comp["tasks"]
-    seed_runs = comp.get("seed_runs") or {m: {"": r} for m, r in comp["runs"].items()}
+    seed_runs, ints = _seed_runs_and_intervals(comp)
     names = list(seed_runs)
-    ints = comp["intervals"].get("methods") if comp["intervals"].get("available") else None
     points = plane_points(comp)  # none for a one-task stream: no third panel
     fig, axes = plt.subplots(1, 3 if points else 2,
                              figsize=(max(9.0, 1.2 * len(tasks) * len(names) / 2 + 6) + (4.5 if points else 0), 4.5))
@@ -253,10 +258,10 @@ def render_figure(comp: dict, path: Path) -> Path:
     ax2.set_xticks(range(len(names)), labels=names)
     ax2.set_title("AP and BWT per method" + (" (bootstrap intervals)" if ints else "")), ax2.legend(fontsize=8)
     for m, pt in points.items():  # each method in the colour of its bars
-        axes[2].errorbar([pt["forgetting"]], [pt["LA"]], fmt="o", capsize=3, label=m, color=f"C{names.index(m)}",
-                     xerr=None if pt["forgetting_ci"] is None else
-                     [[pt["forgetting"] - pt["forgetting_ci"][0]], [pt["forgetting_ci"][1] - pt["forgetting"]]],
-                     yerr=None if pt["LA_ci"] is None else [[pt["LA"] - pt["LA_ci"][0]], [pt["LA_ci"][1] - pt["LA"]]])
+        xerr, yerr = ([[pt[k] - pt[f"{k}_ci"][0]], [pt[f"{k}_ci"][1] - pt[k]]] if pt[f"{k}_ci"] else None
+                      for k in ("forgetting", "LA"))
+        axes[2].errorbar([pt["forgetting"]], [pt["LA"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=m,
+                         color=f"C{names.index(m)}")
     if points:
         axes[2].set_xlabel("forgetting (lower: more stable)")
         axes[2].set_ylabel("learning accuracy LA (higher: more plastic)")
