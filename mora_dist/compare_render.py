@@ -195,6 +195,12 @@ def _seed_runs_and_intervals(comp: dict) -> tuple[dict, dict | None]:
     return seed_runs, comp["intervals"].get("methods") if comp["intervals"].get("available") else None
 
 
+def _seed_mean(runs: dict, key: str) -> float | None:
+    """The mean of metric ``key`` over one method's runs by seed (``None`` where no run has it)."""
+    v = [r["metrics"][key] for r in runs.values() if r["metrics"][key] is not None]
+    return sum(v) / len(v) if v else None
+
+
 def plane_points(comp: dict) -> dict:
     """Each method's point in the plasticity / stability plane: ``{method: {forgetting, LA, forgetting_ci, LA_ci}}``.
 
@@ -206,8 +212,7 @@ def plane_points(comp: dict) -> dict:
     for m, runs in seed_runs.items():
         point = {}
         for key in ("forgetting", "LA"):
-            v = [r["metrics"][key] for r in runs.values() if r["metrics"][key] is not None]
-            point[key] = sum(v) / len(v) if v else None
+            point[key] = _seed_mean(runs, key)
             ci = (ints or {}).get(m, {}).get(key)
             point[f"{key}_ci"] = None if ci is None or point[key] is None else \
                 (min(ci[0], point[key]), max(ci[1], point[key]))
@@ -245,10 +250,7 @@ def render_figure(comp: dict, path: Path) -> Path:
     ax1.legend(fontsize=8)
     for i, (key, label) in enumerate((("AP", "AP"), ("BWT", "BWT (Lopez-Paz)"))):
         xs = [j + (i - 0.5) * 0.4 for j in range(len(names))]
-        values = []
-        for m in names:
-            v = [r["metrics"][key] for r in seed_runs[m].values() if r["metrics"][key] is not None]
-            values.append(sum(v) / len(v) if v else 0.0)
+        values = [0.0 if (v := _seed_mean(seed_runs[m], key)) is None else v for m in names]
         err = None
         if ints and all(ints[m][key] is not None for m in names):
             err = [[max(v - ints[m][key][0], 0.0) for v, m in zip(values, names)],
