@@ -302,16 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     from mora_dist.base_model import ModelSourceError
     from mora_dist.mora.adapter import AdapterError
     from mora_dist.mora.config import MoRAConfigError
-    from mora_dist.distributed.env import DistributedEnvError
+    from mora_dist.distributed.env import DistributedEnvError, finish
     from mora_dist.model_shapes import ShapeError
     from mora_dist.run.state import RunStateError
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, DataError, ModelSourceError, AdapterError, MoRAConfigError, RunStateError,
             DistributedEnvError, ShapeError) as err:
         print(f"mora-dist: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    return finish(code)
 
 
 if __name__ == "__main__":

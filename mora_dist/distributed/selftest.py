@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.instrument:
         commlog.install()  # before DeepSpeed keeps references to the torch collectives
-    from mora_dist.distributed.env import discover, init_distributed, shutdown
+    from mora_dist.distributed.env import discover, finish, init_distributed, shutdown
 
     launcher = discover().launcher
     rank, world, local_rank = init_distributed()
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             print("SELFTEST_RESULT " + json.dumps(result), flush=True)
     finally:
         shutdown()
-    return 0
+    return finish(0)
 
 
 def run(args, rank: int, world: int, launcher: str) -> dict:

@@ -102,6 +102,37 @@ def test_selftest_with_bad_env_exits_before_training(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was trained or written
 
 
+FINISH_WORKER = """
+import logging, sys
+from mora_dist.distributed.env import finish, init_distributed, shutdown
+rank, world, _ = init_distributed("gloo")
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+logging.getLogger("w").info("logged by %d", rank)
+print(f"rank {rank} of {world}", end="")  # stdout is a pipe: block-buffered, still unwritten at finish
+shutdown()
+finish(3 + rank)
+print("after finish")
+"""
+
+
+def test_finish_leaves_a_launched_worker_with_its_code_and_its_output():
+    """Two workers (gloo, 127.0.0.1) end through finish(): each exits with its own code, buffered output and
+    logging written, nothing after it run; in a single process finish() only returns the code."""
+    assert E.finish(5) == 5
+    port = E.free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in E.MPI_SIZE_VARS + E.MPI_RANK_VARS + ("PYTHONUNBUFFERED",)}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", FINISH_WORKER], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 3 + r, err[-2000:]
+        assert out == f"rank {r} of 2"
+        assert f"logged by {r}" in err
+
+
 # ------------------------------------------------------------------------------------------- ds_config
 def _ds(train=None, dist=None, dtype="float32", world=2, **kw):
     from mora_dist.distributed.ds_config import ds_config
