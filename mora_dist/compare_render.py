@@ -98,12 +98,16 @@ def _intervals_section(comp: dict) -> list[str]:
     return out
 
 
+def _named_runs(comp: dict) -> dict:
+    """Every run of the comparison by a display name: the method, or "method (seed s)" with several seeds."""
+    if "seeds" in comp:
+        return {f"{m} (seed {seed})": r for m, sr in comp["seed_runs"].items() for seed, r in sr.items()}
+    return comp["runs"]
+
+
 def _constant_answers(comp: dict) -> list[str]:
     """Which (method, task) scored right after training no better than one answer given to every prompt."""
-    if "seeds" in comp:
-        runs = {f"{m} (seed {seed})": r for m, sr in comp["seed_runs"].items() for seed, r in sr.items()}
-    else:
-        runs = comp["runs"]
+    runs = _named_runs(comp)
     if not any((r.get("answers") or {}).get("available") for r in runs.values()):
         return []
     flat = {m: tasks for m, r in runs.items() if (tasks := not_beyond_constant(r.get("answers") or {}))}
@@ -113,6 +117,27 @@ def _constant_answers(comp: dict) -> list[str]:
     return ["", "**Not learned beyond a constant answer** (the score right after training does not exceed that of "
                 "the best single answer given to every prompt; see the constant-answer check of each run's "
                 "report): " + "; ".join(f"{m}: {', '.join(t)}" for m, t in flat.items()) + "."]
+
+
+def _answer_changes(comp: dict) -> list[str]:
+    """Per method (and seed): the share of each earlier task's answers that the later tasks changed."""
+    runs = _named_runs(comp)
+    changes = {m: (r.get("answers") or {}).get("changes") or {} for m, r in runs.items()}
+    if not any(c.get("tasks") for c in changes.values()):
+        return []
+    earlier = comp["tasks"][:-1]
+
+    def cell(c: dict | None) -> str:
+        return "–" if c is None else f"{100 * c['share']:.0f}% ({c['changed']}/{c['examples']})"
+
+    out = ["", "## Answers changed by the later tasks", "",
+           "Share of each earlier task's test prompts whose answer after the last task differs from the answer "
+           "right after the task was learned (the label an answer names, else its first line): interference that "
+           "the scores hide, as changes that cancel or a learned constant answer replaced by another.", ""]
+    return out + table(["method"] + earlier + ["mean"],
+                       [[m] + [cell((c.get("tasks") or {}).get(t)) for t in earlier]
+                        + ["–" if c.get("mean_share") is None else f"{100 * c['mean_share']:.0f}%"]
+                        for m, c in changes.items()])
 
 
 def render_markdown(comp: dict) -> str:
@@ -145,6 +170,7 @@ def render_markdown(comp: dict) -> str:
         out += table(["method"] + tasks, [[m] + [fmt(r["LA_per_task"].get(t)) for t in tasks]
                                           for m, r in runs.items()])
     out += _constant_answers(comp)
+    out += _answer_changes(comp)
     out += ["", "## Cost", ""] + (["Times of the first seed's run.", ""] if multi else [])
     out += table(["method", "trainable params / task", "adapter params", "active params / token", "train s",
                   "total s", "pruning"],

@@ -488,6 +488,12 @@ def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_d
     flat = [f"{m} (seed {seed}): FOMC" for m, sr in comp["seed_runs"].items() for seed, r in sr.items()
             if not r["answers"]["tasks"]["FOMC"]["beyond_constant"]]
     assert all(f in md for f in flat) and (bool(flat) == ("Not learned beyond a constant answer" in md))
+    assert "## Answers changed by the later tasks" in md
+    for m, sr in comp["seed_runs"].items():  # FOMC, the first task, against its answers after NumGLUE-cm
+        for seed, r in sr.items():
+            c = r["answers"]["changes"]
+            row = f"{100 * c['tasks']['FOMC']['share']:.0f}% ({c['tasks']['FOMC']['changed']}/3)"
+            assert f"| {m} (seed {seed}) | {row} | {100 * c['mean_share']:.0f}% |" in md
     capsys.readouterr()
     assert main(args) == 0  # every run finished: nothing redone
     assert capsys.readouterr().out.count("nothing to do") == 4

@@ -15,6 +15,11 @@ examples apart. This module measures it from the stored per-example predictions
 
 Only tasks scored with ``accuracy`` (label match, ``metrics.label_match``) are checked: for free-text metrics a
 constant answer is not a meaningful baseline.
+
+``answer_changes`` measures, from the same files, what the later tasks did to each earlier task's answers: the
+share of its test prompts whose answer after the last task differs from the answer right after it was learned.
+It sees interference where the scores cannot: a task learned only as its majority label has nothing to forget in
+accuracy, yet a later task can replace that label on every prompt; and changes that cancel in a score still count.
 """
 
 from __future__ import annotations
@@ -31,6 +36,29 @@ from mora_dist.evaluation.results import stage_filename
 CHECKED_METRICS = ("accuracy",)
 
 
+def _reference_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Normalised label -> its first spelling, over the first lines of the rows' references."""
+    spelling: dict[str, str] = {}
+    for row in rows:
+        for x in row["reference"] if isinstance(row["reference"], list) else [row["reference"]]:
+            spelling.setdefault(normalize_label(x), x.strip().splitlines()[0].strip() if x.strip() else "")
+    return spelling
+
+
+def answer_names(rows: Sequence[dict[str, Any]], spelling: Mapping[str, str] | None = None) -> list[str]:
+    """The answer of each row: the reference label its prediction names (``metrics.label_match``), else the
+    prediction's first line as ``metrics.normalize_label`` reads it. ``spelling`` (normalised label -> spelling)
+    defaults to the rows' own reference labels."""
+    spelling = _reference_labels(rows) if spelling is None else spelling
+    labels = sorted(spelling)
+
+    def named(prediction: str) -> str:
+        label = next((x for x in labels if label_match(prediction, x)), None)
+        return spelling[label] if label is not None else normalize_label(prediction)
+
+    return [named(r["prediction"]) for r in rows]
+
+
 def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The constant-answer baseline and the prediction spread of one task's per-example ``rows``.
 
@@ -40,22 +68,14 @@ def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     n = len(rows)
     refs = [r["reference"] if isinstance(r["reference"], list) else [r["reference"]] for r in rows]
-    spelling: dict[str, str] = {}  # normalised label -> its first spelling among the references
-    for accepted in refs:
-        for x in accepted:
-            spelling.setdefault(normalize_label(x), x.strip().splitlines()[0].strip() if x.strip() else "")
+    spelling = _reference_labels(rows)
     labels = sorted(spelling)
     best, best_answer = 0.0, None
     for label in labels:
         score = sum(any(label_match(label, x) for x in accepted) for accepted in refs) / n
         if score > best or best_answer is None:
             best, best_answer = score, spelling[label]
-
-    def named(prediction: str) -> str:  # the reference label a prediction names, else its normalised text
-        label = next((x for x in labels if label_match(prediction, x)), None)
-        return spelling[label] if label is not None else normalize_label(prediction)
-
-    top, count = Counter(named(r["prediction"]) for r in rows).most_common(1)[0]
+    top, count = Counter(answer_names(rows, spelling)).most_common(1)[0]
     return {"examples": n, "constant_answer": best_answer, "constant_answer_score": best,
             "top_prediction": top, "top_prediction_share": count / n,
             "score": sum(float(r["score"]) for r in rows) / n}
@@ -74,20 +94,51 @@ def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str],
     run_dir = Path(run_dir)
     checks: dict[str, Any] = {}
     for j, task in enumerate(tasks):
-        samples = (run_dir / "eval" / stage_filename(j + 1, task)).with_suffix(".samples.json")
-        if metric_names.get(task) not in CHECKED_METRICS or not samples.is_file():
+        if metric_names.get(task) not in CHECKED_METRICS:
             continue
-        rows = json.loads(samples.read_text(encoding="utf-8")).get(task)
+        rows = _stage_rows(run_dir, j + 1, task, task)
         if not rows:
             continue
         check = task_answer_check(rows)
         check["stage"] = j + 1
         check["beyond_constant"] = check["score"] > check["constant_answer_score"] + 1e-12
         checks[task] = check
+    changes = answer_changes(run_dir, tasks)
     if not checks:
-        return {"available": False, "tasks": {},
+        return {"available": False, "tasks": {}, "changes": changes,
                 "reason": "no label task with per-example predictions stored right after it was learned"}
-    return {"available": True, "tasks": checks}
+    return {"available": True, "tasks": checks, "changes": changes}
+
+
+def _stage_rows(run_dir: Path, stage: int, stage_task: str, task: str) -> list[dict[str, Any]] | None:
+    """``task``'s stored per-example rows at ``stage`` (the stage after training ``stage_task``), or None."""
+    samples = (run_dir / "eval" / stage_filename(stage, stage_task)).with_suffix(".samples.json")
+    if not samples.is_file():
+        return None
+    return json.loads(samples.read_text(encoding="utf-8")).get(task) or None
+
+
+def answer_changes(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, Any]:
+    """How many of each earlier task's test answers the later tasks changed.
+
+    For every task but the last: its answers right after it was learned (row ``j + 1``) against its answers after
+    the last task (row ``T``), prompt by prompt (an answer is what ``answer_names`` reads: the label it names, else
+    its normalised text). Tasks without both stages' predictions, or whose stored prompts differ between the two,
+    are left out.
+
+    Returns ``{"tasks": {task: {"examples", "changed", "share"}}, "mean_share": mean over those tasks or None}``.
+    """
+    run_dir, T = Path(run_dir), len(tasks)
+    per_task: dict[str, Any] = {}
+    for j, task in enumerate(tasks[:-1]):
+        after, final = _stage_rows(run_dir, j + 1, task, task), _stage_rows(run_dir, T, tasks[-1], task)
+        if not after or not final or [r["prompt"] for r in after] != [r["prompt"] for r in final]:
+            continue
+        spelling = _reference_labels(after)
+        changed = sum(a != b for a, b in zip(answer_names(after, spelling), answer_names(final, spelling)))
+        per_task[task] = {"examples": len(after), "changed": changed, "share": changed / len(after)}
+    shares = [c["share"] for c in per_task.values()]
+    return {"tasks": per_task, "mean_share": sum(shares) / len(shares) if shares else None}
 
 
 def not_beyond_constant(checks: dict[str, Any]) -> list[str]:

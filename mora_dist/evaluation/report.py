@@ -181,7 +181,7 @@ def _answer_table(answers: Mapping[str, Any]) -> list[str]:
     """The constant-answer check: does each label task's score right after training beat a single answer?"""
     checks = answers.get("tasks") or {}
     if not checks:
-        return []
+        return _changes_table(answers.get("changes") or {})
     out = ["", "Constant-answer check (label tasks, right after training each): the best score one answer given to "
                "every test prompt gets (the most frequent reference), and the model's most frequent answer. A score "
                "that does not exceed the constant answer's is no evidence that the task was learned, whatever its "
@@ -194,7 +194,21 @@ def _answer_table(answers: Mapping[str, Any]) -> list[str]:
     flat = not_beyond_constant(answers)
     if flat:
         out += ["", f"**Not learned beyond a constant answer:** {', '.join(flat)}."]
-    return out
+    return out + _changes_table(answers.get("changes") or {})
+
+
+def _changes_table(changes: Mapping[str, Any]) -> list[str]:
+    """How many of each earlier task's answers the later tasks changed (``answers.answer_changes``)."""
+    per_task = changes.get("tasks") or {}
+    if not per_task:
+        return []
+    out = ["", "Answers changed by the later tasks: each earlier task's test prompts whose answer after the last task "
+               "differs from the answer right after it was learned (the label an answer names, else its first "
+               "line). It counts interference that the scores hide: changes that cancel, and a learned constant "
+               "answer replaced by another.", ""]
+    out += _table(["task", "changed / examples", "share"],
+                  [[t, f"{c['changed']} / {c['examples']}", f"{100 * c['share']:.0f}%"] for t, c in per_task.items()])
+    return out + ["", f"Mean share over these tasks: {100 * changes['mean_share']:.0f}%."]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

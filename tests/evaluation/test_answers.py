@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mora_dist.evaluation.answers import answer_checks, not_beyond_constant, task_answer_check
+from mora_dist.evaluation.answers import answer_changes, answer_checks, not_beyond_constant, task_answer_check
 from mora_dist.evaluation.generation import TaskEval
 from mora_dist.evaluation.report import rebuild_report
 from mora_dist.evaluation.results import write_stage_results
@@ -77,6 +77,42 @@ def test_report_flags_a_task_learned_only_as_its_majority_label(tmp_path):
 def test_free_text_metrics_are_not_checked(tmp_path):
     run = _write(tmp_path, [{"A": ("rouge_l", ["x"], ["y"])}, {"A": ("rouge_l", ["y"], ["y"])}])
     checks = answer_checks(run, ["A"], {"A": "rouge_l"})
-    assert checks == {"available": False, "tasks": {}, "reason": checks["reason"]} and "label task" in checks["reason"]
+    assert checks == {"available": False, "tasks": {}, "reason": checks["reason"],
+                      "changes": {"tasks": {}, "mean_share": None}}  # a one-task stream: no earlier task
+    assert "label task" in checks["reason"]
     rebuild_report(run)
     assert "Constant-answer check" not in (run / "report" / "report.md").read_text()
+
+
+def test_answer_changes_count_each_earlier_answer_that_the_later_tasks_replaced(tmp_path):
+    refs_a, refs_b, refs_c = ["C", "C", "C", "A"], ["7", "3", "12"], ["x", "y"]
+    run = _write(tmp_path, [
+        {"A": ("accuracy", ["x"] * 4, refs_a)},
+        {"A": ("accuracy", ["C. neutral", "C", "C", "C"], refs_a)},            # A learned as its majority label
+        {"A": ("accuracy", ["A", "A", "C", "C"], refs_a), "B": ("exact", ["7 apples", "3", "5"], refs_b)},
+        # after the last task: A's answers "C" again on all four (the labels it names, spelling aside), one
+        # changed from "C" to "A" (2nd) then back; B: "3" -> "4" on one prompt; its first line only counts
+        {"A": ("accuracy", ["C", "c!", "A. no", "C"], refs_a), "B": ("exact", ["7\nmore", "4", "5"], refs_b),
+         "C": ("accuracy", ["x", "y"], refs_c)},
+    ])
+    changes = answer_changes(run, ["A", "B", "C"])
+    # A: right after it ("C", "C", "C", "C") vs final ("C", "C", "A", "C"): 1 of 4 changed, although its score is
+    # 0.75 at both stages; B: ("7", "3", "5") vs ("7", "4", "5"): 1 of 3; C is the last task
+    assert changes["tasks"] == {"A": {"examples": 4, "changed": 1, "share": 0.25},
+                                "B": {"examples": 3, "changed": 1, "share": 1 / 3}}
+    assert changes["mean_share"] == pytest.approx((0.25 + 1 / 3) / 2)
+    rep = rebuild_report(run)
+    assert rep["answers"]["changes"] == changes
+    md = (run / "report" / "report.md").read_text()
+    assert "| A | 1 / 4 | 25% |" in md and "| B | 1 / 3 | 33% |" in md and "Mean share over these tasks: 29%." in md
+
+
+def test_answer_changes_leave_out_tasks_whose_prompts_differ_between_the_stages(tmp_path):
+    run = _write(tmp_path, [{"A": ("accuracy", ["x"], ["C"])}, {"A": ("accuracy", ["C"], ["C"])},
+                            {"A": ("accuracy", ["A"], ["C"]), "B": ("accuracy", ["B"], ["B"])}])
+    assert answer_changes(run, ["A", "B"])["tasks"]["A"]["changed"] == 1
+    final = run / "eval" / "stage_02_B.samples.json"
+    stored = json.loads(final.read_text())
+    stored["A"][0]["prompt"] = "another prompt"
+    final.write_text(json.dumps(stored))
+    assert answer_changes(run, ["A", "B"]) == {"tasks": {}, "mean_share": None}
