@@ -291,6 +291,11 @@ def spread(values: Sequence[float | None]) -> dict:
             "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
+def _changed_share(run: dict) -> float | None:
+    """The mean share of the earlier tasks' answers that the later tasks changed (``answers.answer_changes``)."""
+    return ((run.get("answers") or {}).get("changes") or {}).get("mean_share")
+
+
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -327,6 +332,8 @@ def build_comparison(run_dirs: Mapping[str, Path | Sequence[Path]], seeds: Seque
     for m, d in diffs.items():
         d["general_change"] = [_diff(r["general_change"], ref["general_change"])
                                for r, ref in zip(runs[m], runs[reference])]
+        d["answers_changed"] = [_diff(_changed_share(r), _changed_share(ref))
+                                for r, ref in zip(runs[m], runs[reference])]
     for m, per_metric in (intervals.get("differences") or {}).items():
         for k, entry in per_metric.items():
             entry["value"] = spread(diffs[m][k])["mean"]

@@ -134,10 +134,34 @@ def _answer_changes(comp: dict) -> list[str]:
            "Share of each earlier task's test prompts whose answer after the last task differs from the answer "
            "right after the task was learned (the label an answer names, else its first line): interference that "
            "the scores hide, as changes that cancel or a learned constant answer replaced by another.", ""]
-    return out + table(["method"] + earlier + ["mean"],
-                       [[m] + [cell((c.get("tasks") or {}).get(t)) for t in earlier]
-                        + ["–" if c.get("mean_share") is None else f"{100 * c['mean_share']:.0f}%"]
-                        for m, c in changes.items()])
+    out += table(["method"] + earlier + ["mean"],
+                 [[m] + [cell((c.get("tasks") or {}).get(t)) for t in earlier]
+                  + ["–" if c.get("mean_share") is None else f"{100 * c['mean_share']:.0f}%"]
+                  for m, c in changes.items()])
+    return out + _answer_change_intervals(comp)
+
+
+def _answer_change_intervals(comp: dict) -> list[str]:
+    """The mean share's paired intervals per method and the differences from the reference, when computed."""
+    ints = comp["intervals"]
+    methods = {m: i["answers_changed"] for m, i in (ints.get("methods") or {}).items() if "answers_changed" in i}
+    if not ints.get("available") or not methods or any(i is None for i in methods.values()):
+        return []
+
+    def pct(v: float, signed: bool = False) -> str:  # percent, or signed percentage points to one decimal
+        return f"{100 * v + 0.0:+.1f}" if signed else f"{100 * v:.0f}"
+
+    over = " (the mean over seeds)" if "seeds" in comp else ""
+    out = ["", f"Mean share{over} with its {100 * ints['confidence']:g}% paired bootstrap interval (the test "
+               "examples resampled as for the metrics): "
+           + "; ".join(f"{m} [{pct(i[0])}%, {pct(i[1])}%]" for m, i in methods.items()) + "."]
+    diffs = {m: d["answers_changed"] for m, d in (ints.get("differences") or {}).items() if "answers_changed" in d}
+    if diffs:
+        out += ["", f"Difference from {comp['reference']} (percentage points): " + "; ".join(
+            f"{m} {'–' if d.get('value') is None else pct(d['value'], True)} "
+            f"[{pct(d['interval'][0], True)}, {pct(d['interval'][1], True)}] "
+            + ("**✓ resolved**" if d["resolved"] else "*not resolved*") for m, d in diffs.items()) + "."]
+    return out
 
 
 def render_markdown(comp: dict) -> str:

@@ -489,6 +489,11 @@ def test_compare_over_seeds_reports_per_seed_rows_and_the_aggregate(tiny_model_d
             if not r["answers"]["tasks"]["FOMC"]["beyond_constant"]]
     assert all(f in md for f in flat) and (bool(flat) == ("Not learned beyond a constant answer" in md))
     assert "## Answers changed by the later tasks" in md
+    assert "Mean share (the mean over seeds) with its 95% paired bootstrap interval" in md
+    assert "Difference from mora (percentage points): seq_lora " in md
+    assert comp["intervals"]["differences"]["seq_lora"]["answers_changed"]["value"] == pytest.approx(
+        sum(r["answers"]["changes"]["mean_share"] for r in comp["seed_runs"]["seq_lora"].values()) / 2
+        - sum(r["answers"]["changes"]["mean_share"] for r in comp["seed_runs"]["mora"].values()) / 2)
     for m, sr in comp["seed_runs"].items():  # FOMC, the first task, against its answers after NumGLUE-cm
         for seed, r in sr.items():
             c = r["answers"]["changes"]

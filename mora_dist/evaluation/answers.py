@@ -118,25 +118,31 @@ def _stage_rows(run_dir: Path, stage: int, stage_task: str, task: str) -> list[d
     return json.loads(samples.read_text(encoding="utf-8")).get(task) or None
 
 
-def answer_changes(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, Any]:
-    """How many of each earlier task's test answers the later tasks changed.
+def changed_answers(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, list[bool]]:
+    """Per earlier task, per test prompt: whether its answer after the last task differs from the answer right after
+    the task was learned (an answer is what ``answer_names`` reads: the label it names, else its first line).
 
-    For every task but the last: its answers right after it was learned (row ``j + 1``) against its answers after
-    the last task (row ``T``), prompt by prompt (an answer is what ``answer_names`` reads: the label it names, else
-    its normalised text). Tasks without both stages' predictions, or whose stored prompts differ between the two,
-    are left out.
-
-    Returns ``{"tasks": {task: {"examples", "changed", "share"}}, "mean_share": mean over those tasks or None}``.
+    Every task but the last, compared prompt by prompt (row ``j + 1`` against row ``T``). Tasks without both
+    stages' predictions, or whose stored prompts differ between the two, are left out.
     """
     run_dir, T = Path(run_dir), len(tasks)
-    per_task: dict[str, Any] = {}
+    out: dict[str, list[bool]] = {}
     for j, task in enumerate(tasks[:-1]):
         after, final = _stage_rows(run_dir, j + 1, task, task), _stage_rows(run_dir, T, tasks[-1], task)
         if not after or not final or [r["prompt"] for r in after] != [r["prompt"] for r in final]:
             continue
         spelling = _reference_labels(after)
-        changed = sum(a != b for a, b in zip(answer_names(after, spelling), answer_names(final, spelling)))
-        per_task[task] = {"examples": len(after), "changed": changed, "share": changed / len(after)}
+        out[task] = [a != b for a, b in zip(answer_names(after, spelling), answer_names(final, spelling))]
+    return out
+
+
+def answer_changes(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, Any]:
+    """How many of each earlier task's test answers the later tasks changed (``changed_answers``, counted).
+
+    Returns ``{"tasks": {task: {"examples", "changed", "share"}}, "mean_share": mean over those tasks or None}``.
+    """
+    per_task = {t: {"examples": len(c), "changed": sum(c), "share": sum(c) / len(c)}
+                for t, c in changed_answers(run_dir, tasks).items()}
     shares = [c["share"] for c in per_task.values()]
     return {"tasks": per_task, "mean_share": sum(shares) / len(shares) if shares else None}
 

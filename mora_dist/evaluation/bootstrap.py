@@ -17,6 +17,10 @@ therefore resamples *examples*:
 A difference is *resolved* by the data when its interval excludes 0. Runs whose examples differ (another
 ``eval.max_examples`` or ``eval.seed``, or another data set) cannot be paired: that is an error naming both.
 
+The share of the earlier tasks' answers that the later tasks changed (``answers.changed_answers``: per earlier
+task's example, changed or not) is resampled with the same indices as that task's scores, so its intervals and
+its differences between methods are paired the same way.
+
 The general-capability change (the mean over the general-suite tasks of the score at the last evaluated stage
 minus the base model's) gets the same treatment from the per-document scores that the evaluate stage stores
 (``eval/stage_XX_<name>.general.samples.json``): documents resampled per general task with their own seeded
@@ -35,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from mora_dist.evaluation.answers import changed_answers
 from mora_dist.evaluation.forgetting import METRIC_NAMES, batch_metrics
 
 # How far a stored score may sit from the mean of its stored per-example scores (JSON round trip, float sums).
@@ -414,9 +419,38 @@ def paired_intervals(groups: Mapping[str, Sequence[str | os.PathLike]], tasks: S
             methods[method]["general_change"] = general["methods"][method]
             if method != reference:
                 differences[method]["general_change"] = general["differences"][method]
+    changes = _paired_answer_changes(groups, tasks, reference, settings.confidence, indices)
+    if changes is not None:
+        for method in groups:
+            methods[method]["answers_changed"] = changes["methods"][method]
+            if method != reference:
+                differences[method]["answers_changed"] = changes["differences"][method]
     return {"available": True, **settings.to_dict(), "examples": dict(zip(tasks, first.counts)),
             "reference": reference, "methods": methods, "differences": differences,
             "general": {k: v for k, v in general.items() if k not in ("methods", "differences")}}
+
+
+def _paired_answer_changes(groups: Mapping[str, Sequence[str | os.PathLike]], tasks: Sequence[str], reference: str,
+                           confidence: float, indices: Sequence[np.ndarray]) -> dict | None:
+    """Paired intervals of the mean share of earlier tasks' answers changed by the later tasks (over seeds), per
+    method and method - reference; None unless every run has it for the same tasks on the scored examples."""
+    changed = {(m, i): changed_answers(d, tasks) for m, dirs in groups.items() for i, d in enumerate(dirs)}
+    names = list(next(iter(changed.values())))
+    counts = dict(zip(tasks, (idx.shape[1] for idx in indices)))
+    if not names or any(list(c) != names or any(len(c[t]) != counts[t] for t in names) for c in changed.values()):
+        return None
+    col = {t: tasks.index(t) for t in names}
+
+    def replicates(c: Mapping[str, list[bool]]) -> np.ndarray:  # (B,) mean share over the earlier tasks
+        return np.mean([_weights(indices[col[t]], counts[t]) @ np.asarray(c[t], float) for t in names], axis=0)
+
+    mean = {m: np.mean([replicates(changed[(m, i)]) for i in range(len(dirs))], axis=0) for m, dirs in groups.items()}
+    differences = {}
+    for method, v in mean.items():
+        if method != reference:
+            interval = percentile_interval(v - mean[reference], confidence)
+            differences[method] = {"interval": interval, "resolved": excludes_zero(interval)}
+    return {"methods": {m: percentile_interval(v, confidence) for m, v in mean.items()}, "differences": differences}
 
 
 def _paired_general(groups: Mapping[str, Sequence[str | os.PathLike]], T: int, reference: str,

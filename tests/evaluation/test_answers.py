@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mora_dist.evaluation.answers import answer_changes, answer_checks, not_beyond_constant, task_answer_check
+from mora_dist.evaluation.bootstrap import BootstrapSettings, paired_intervals
 from mora_dist.evaluation.generation import TaskEval
 from mora_dist.evaluation.report import rebuild_report
 from mora_dist.evaluation.results import write_stage_results
@@ -116,3 +118,21 @@ def test_answer_changes_leave_out_tasks_whose_prompts_differ_between_the_stages(
     stored["A"][0]["prompt"] = "another prompt"
     final.write_text(json.dumps(stored))
     assert answer_changes(run, ["A", "B"]) == {"tasks": {}, "mean_share": None}
+
+
+def test_answer_changes_get_paired_intervals_from_the_metrics_resamples(tmp_path):
+    refs_a, refs_b = ["C", "C", "C", "A"], ["x", "y"]
+
+    def run(name, final_a):
+        return _write(tmp_path / name, [{"A": ("accuracy", ["x"] * 4, refs_a)}, {"A": ("accuracy", ["C"] * 4, refs_a)},
+                                         {"A": ("accuracy", final_a, refs_a), "B": ("accuracy", ["x", "y"], refs_b)}])
+
+    groups = {"ref": [run("ref", ["C"] * 4)], "other": [run("other", ["C", "A", "A", "C"])]}  # A: 0 and 2 of 4
+    indices = [np.array([[0, 1, 2, 3], [1, 1, 2, 2]]), np.array([[0, 1], [1, 1]])]  # 2 resamples, given
+    ints = paired_intervals(groups, ["A", "B"], "ref", BootstrapSettings(resamples=2), indices)
+    # resampled shares of A's changed answers: ref 0, 0; other 2/4 = 0.5 and 4/4 = 1.0 (examples 1, 1, 2, 2)
+    lo, hi = 0.5 + 0.025 * 0.5, 0.5 + 0.975 * 0.5  # the 2.5 % and 97.5 % points between 0.5 and 1.0
+    assert ints["methods"]["ref"]["answers_changed"] == [0.0, 0.0]
+    assert ints["methods"]["other"]["answers_changed"] == pytest.approx([lo, hi])
+    assert ints["differences"]["other"]["answers_changed"]["interval"] == pytest.approx([lo, hi])
+    assert ints["differences"]["other"]["answers_changed"]["resolved"] is True
