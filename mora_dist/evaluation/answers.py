@@ -83,13 +83,14 @@ def task_answer_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str],
                   metric_names: Mapping[str, str]) -> dict[str, Any]:
-    """The constant-answer check of every task of ``run_dir`` right after it was learned.
+    """The constant-answer check of every task of ``run_dir`` right after it was learned, and the answers changed.
 
     ``tasks`` is the stream and ``metric_names`` each task's metric, as ``report.load_run_dir`` reads them.
 
-    Returns ``{"available": bool, "reason": str (when not available), "tasks": {task: check}}``; each check is
-    ``task_answer_check``'s dict plus ``stage`` and ``beyond_constant``. Tasks that were not evaluated right after
-    training, have no stored predictions or are scored with a metric other than ``accuracy`` are left out.
+    Returns ``{"available": bool, "reason": str (when not available), "tasks": {task: check}, "changes":
+    answer_changes(...)}``; each check is ``task_answer_check``'s dict plus ``stage`` and ``beyond_constant``.
+    Tasks that were not evaluated right after training, have no stored predictions or are scored with a metric
+    other than ``accuracy`` are left out of the check (``available`` speaks of the check only).
     """
     run_dir = Path(run_dir)
     checks: dict[str, Any] = {}
