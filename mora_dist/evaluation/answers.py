@@ -111,12 +111,15 @@ def answer_checks(run_dir: str | os.PathLike, tasks: Sequence[str],
     return {"available": True, "tasks": checks, "changes": changes}
 
 
+def _stage_samples(run_dir: Path, stage: int, stage_task: str) -> dict[str, list[dict[str, Any]]]:
+    """Every task's stored per-example rows at ``stage`` (the stage after training ``stage_task``); {} if none."""
+    samples = (run_dir / "eval" / stage_filename(stage, stage_task)).with_suffix(".samples.json")
+    return json.loads(samples.read_text(encoding="utf-8")) if samples.is_file() else {}
+
+
 def _stage_rows(run_dir: Path, stage: int, stage_task: str, task: str) -> list[dict[str, Any]] | None:
     """``task``'s stored per-example rows at ``stage`` (the stage after training ``stage_task``), or None."""
-    samples = (run_dir / "eval" / stage_filename(stage, stage_task)).with_suffix(".samples.json")
-    if not samples.is_file():
-        return None
-    return json.loads(samples.read_text(encoding="utf-8")).get(task) or None
+    return _stage_samples(run_dir, stage, stage_task).get(task) or None
 
 
 def changed_answers(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, list[bool]]:
@@ -127,9 +130,10 @@ def changed_answers(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[st
     stages' predictions, or whose stored prompts differ between the two, are left out.
     """
     run_dir, T = Path(run_dir), len(tasks)
+    last = _stage_samples(run_dir, T, tasks[-1])  # read once: it holds every task's final answers
     out: dict[str, list[bool]] = {}
     for j, task in enumerate(tasks[:-1]):
-        after, final = _stage_rows(run_dir, j + 1, task, task), _stage_rows(run_dir, T, tasks[-1], task)
+        after, final = _stage_rows(run_dir, j + 1, task, task), last.get(task)
         if not after or not final or [r["prompt"] for r in after] != [r["prompt"] for r in final]:
             continue
         spelling = _reference_labels(after)
