@@ -155,7 +155,8 @@ def _metric_tables(rep: dict) -> list[str]:
                   [[t, _fmt(m["LA_per_task"][t]), _ci(ci["LA_per_task"].get(t) if ci else None), _fmt(base[j]),
                     _fmt(None if m["LA_per_task"][t] is None or base[j] is None else m["LA_per_task"][t] - base[j],
                          signed=True)] for j, t in enumerate(rep["tasks"])])
-    return out + _answer_table(rep.get("answers") or {})
+    answers = rep.get("answers") or {}
+    return out + _answer_table(answers) + _changes_table(answers.get("changes") or {})
 
 
 def _general_interval_lines(rep: dict, stages: Sequence[str]) -> list[str]:
@@ -181,7 +182,7 @@ def _answer_table(answers: Mapping[str, Any]) -> list[str]:
     """The constant-answer check: does each label task's score right after training beat a single answer?"""
     checks = answers.get("tasks") or {}
     if not checks:
-        return _changes_table(answers.get("changes") or {})
+        return []
     out = ["", "Constant-answer check (label tasks, right after training each): the best score one answer given to "
                "every test prompt gets (the most frequent reference), and the model's most frequent answer. A score "
                "that does not exceed the constant answer's is no evidence that the task was learned, whatever its "
@@ -194,7 +195,7 @@ def _answer_table(answers: Mapping[str, Any]) -> list[str]:
     flat = not_beyond_constant(answers)
     if flat:
         out += ["", f"**Not learned beyond a constant answer:** {', '.join(flat)}."]
-    return out + _changes_table(answers.get("changes") or {})
+    return out
 
 
 def _changes_table(changes: Mapping[str, Any]) -> list[str]:
