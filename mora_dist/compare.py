@@ -4,7 +4,8 @@ Each method runs the config's stream, data order and seeds in its own sibling ru
 ``<run_dir>-<method>`` (with ``--seeds``: ``<run_dir>-<method>-seed<S>``, one per training seed ``train.seed=S``)
 through the ordinary orchestrator, so each is resumable exactly like ``mora-dist run``: rerun the same command
 after a crash and finished runs are skipped. The base model is evaluated once: the later runs copy the first run's
-``base/evaluate`` results (``run/shared_base.py``). Then one comparison is written to ``<run_dir>-compare/``:
+``base/evaluate`` results (``run/shared_base.py``); a method run alone (one job per method) copies them from any
+sibling run directory that has them. Then one comparison is written to ``<run_dir>-compare/``:
 
 * ``compare.json``: per method (``runs``; with ``--seeds``: ``seed_runs`` per seed and ``aggregate``, the mean,
   standard deviation, minimum and maximum over seeds of every metric and of every difference from the reference)
@@ -136,7 +137,10 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
     from mora_dist.run.orchestrator import run
     from mora_dist.run.state import RunDir, RunState
 
+    from mora_dist.run.shared_base import sibling_with_base
+
     run_dirs: dict[str, list[Path]] = {name: [] for name in methods}
+    prefix = load_config(config, overrides).run_dir
     first: Path | None = None  # the base model's evaluation is computed once (run/shared_base.py)
     for seed in seeds or [None]:
         for name in methods:
@@ -146,7 +150,7 @@ def run_compare(config: str | os.PathLike, methods: list[str], overrides: list[s
                 continue
             label = name if seed is None else f"{name}, seed {seed}"
             print(f"[mora-dist compare] method {label}: {cfg.run_dir}", flush=True)
-            code = run(cfg, limits, base_from=first)
+            code = run(cfg, limits, base_from=first or sibling_with_base(prefix, cfg))
             first = first or Path(cfg.run_dir)
             if code != 0:
                 return code

@@ -363,6 +363,12 @@ def test_compare_resumes_after_a_kill_and_reports_both_methods(tiny_model_dir, t
         if "config" in a:
             a.pop("config"), b.pop("config"), a.pop("date", None), b.pop("date", None)
         assert a == b, name
+    # a method run as its own job (--methods olora) copies the base evaluation from a sibling run that has one
+    from mora_dist.compare import run_compare
+
+    assert run_compare(cfg, ["olora"], [], limits=Limits(max_stages=1)) == 0
+    alone = json.loads((tmp_path / "run-olora" / "eval" / "stage_00_base.json").read_text())
+    assert alone["config"]["base_results_from"] == str(tmp_path / "run-mora")
 
 
 def test_base_results_are_shared_only_when_every_setting_they_depend_on_is_equal(tmp_path):
@@ -393,6 +399,22 @@ def test_base_results_are_shared_only_when_every_setting_they_depend_on_is_equal
     other = load_config(source / "config.yaml")
     other.tasks[1].max_new_tokens = 2
     assert reusable_base(source, other) is None
+    # a method run alone finds that source among its comparison's run directories, not in its own, the
+    # comparison's, another prefix's, or one whose base would differ
+    from mora_dist.run.shared_base import sibling_with_base
+
+    for name in ("run-compare", "run-seq_lora", "runx-mora", "run-olora"):
+        shutil.copytree(source, tmp_path / name)
+    (tmp_path / "run-olora" / "config.yaml").write_text(dump_config(load_config(source / "config.yaml", [
+        "eval.max_examples=7"])))
+    (tmp_path / "run-moe_lora").mkdir()  # started, nothing recorded yet
+    (tmp_path / "run-mora").mkdir()
+    (tmp_path / "run-mora" / "config.yaml").write_text("not: [valid")  # unreadable: skipped, not an error
+    own = load_config(source / "config.yaml", ["method=seq_lora", f"run_dir={tmp_path / 'run-seq_lora'}"])
+    assert sibling_with_base(tmp_path / "run", own) is None
+    shutil.copytree(source, tmp_path / "run-x-seed1")
+    assert sibling_with_base(tmp_path / "run", own) == tmp_path / "run-x-seed1"
+    assert sibling_with_base(tmp_path / "nowhere" / "run", own) is None
 
 
 def test_method_overrides_apply_to_their_method_only_and_are_checked(tmp_path):

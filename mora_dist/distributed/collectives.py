@@ -14,14 +14,27 @@ import torch.distributed as dist
 from mora_dist.distributed.env import world_size
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of a collective of the default group must live: the current GPU under NCCL, which has no
+    CPU path, else the CPU (gloo, MPI, and a mixed ``cpu:gloo,cuda:nccl`` group)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def max_over_ranks(values: list[int]) -> list[int]:
+    """The element-wise maximum of ``values`` over the workers (one all-reduce; ``values`` in one process)."""
+    if world_size() == 1:
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.long, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.cpu()]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every worker when ``flag`` is set on any of them (one all-reduce): a decision all ranks share,
     so that none waits for the others forever."""
-    if world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks([1 if flag else 0])[0])
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from mora_dist.base_model import takes_logits_to_keep
 from mora_dist.distributed.bank import is_partitioned
+from mora_dist.distributed.collectives import max_over_ranks
 from mora_dist.distributed.env import world_size
 from mora_dist.mora import mora_layers
 from mora_dist.mora.pruning import decision_hash
@@ -67,10 +68,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[dict], *, forward: Ca
     batches = list(batches)
     world = world_size()
     if check_lockstep and world > 1 and any(is_partitioned(p) for p in bare.parameters()):
-        n = torch.tensor([len(batches), -len(batches)], dtype=torch.long)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        if n[0] != -n[1]:
-            raise ValueError(f"statistics batches differ across workers (between {-int(n[1])} and {int(n[0])}); "
+        most, neg_least = max_over_ranks([len(batches), -len(batches)])
+        if most != -neg_least:
+            raise ValueError(f"statistics batches differ across workers (between {-neg_least} and {most}); "
                              "under ZeRO-3 every worker must run the same number of forwards")
     was_training = bare.training
     bare.eval()

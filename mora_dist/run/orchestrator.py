@@ -184,11 +184,12 @@ class Orchestrator:
         from mora_dist.evaluation.results import experts_from_stats, write_stage_results
         from mora_dist.evaluation.tasks import evaluate_tasks
 
-        if index is None and self.base_from is not None:
+        if index is None:  # rank 0 alone decides whether to copy another run's base results (the source
+            # another rank found may differ), and every rank takes part in the decision
             from mora_dist.run.shared_base import copy_base, reusable_base
 
-            info = reusable_base(self.base_from, self.cfg) if self.main else None
-            if any_rank(info is not None):  # rank 0 decides for all
+            info = reusable_base(self.base_from, self.cfg) if self.main and self.base_from is not None else None
+            if any_rank(info is not None):
                 if self.main:
                     copy_base(self.base_from, self.dir.root)
                     self.log(f"base evaluation copied from {self.base_from} (same model, data and settings)")

@@ -5,14 +5,16 @@ same settings, so its ``base/evaluate`` stage (the row the forgetting and transf
 the same for all of them. The first run computes it; the others copy its results when everything that decides
 them is equal: the model, evaluation, data and distributed settings, and each task's data and evaluation fields
 (not the method, adapter or training settings, which the base model does not have yet). Otherwise, or when the
-first run has not evaluated its base yet, a run evaluates its own.
+first run has not evaluated its base yet, a run evaluates its own. A method run as its own job (``compare
+--methods seq_lora``) looks for that source among the comparison's other run directories (``sibling_with_base``):
+whichever job evaluated the base model first spares the others the evaluation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mora_dist.config import RunConfig, load_config
+from mora_dist.config import ConfigError, RunConfig, load_config
 from mora_dist.io import atomic_write_json, read_json
 from mora_dist.run.state import BASE_STAGE
 
@@ -50,3 +52,19 @@ def copy_base(source: Path, target: Path) -> None:
         if samples.is_file():
             atomic_write_json(target / "eval" / samples.name, read_json(samples))
     atomic_write_json(target / "eval" / name, data)
+
+
+def sibling_with_base(prefix: str | Path, cfg: RunConfig) -> Path | None:
+    """A run directory of the same comparison (``<prefix>-<method>[-seed<S>]``, not ``cfg``'s own) whose base
+    evaluation ``cfg``'s run may copy (``reusable_base``), the first in name order; ``None`` when there is none."""
+    prefix, own = Path(prefix), Path(cfg.run_dir).resolve()
+    if not prefix.parent.is_dir():
+        return None
+    for path in sorted(prefix.parent.glob(f"{prefix.name}-*")):
+        if path.is_dir() and path.resolve() != own and path.name != f"{prefix.name}-compare":
+            try:
+                if reusable_base(path, cfg) is not None:
+                    return path
+            except (ConfigError, OSError, ValueError):  # unreadable (a bad config or state): not a source
+                continue
+    return None

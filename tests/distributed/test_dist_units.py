@@ -133,6 +133,38 @@ def test_finish_leaves_a_launched_worker_with_its_code_and_its_output():
         assert f"logged by {r}" in err
 
 
+COLLECTIVES_WORKER = """
+import sys
+from mora_dist.distributed.collectives import any_rank, collective_device, max_over_ranks
+from mora_dist.distributed.env import finish, init_distributed, shutdown
+rank, world, _ = init_distributed(sys.argv[1])
+answers = [any_rank(rank == 1), any_rank(False), max_over_ranks([rank, -rank, 7])]
+print(collective_device().type, answers, end="")
+shutdown()
+finish(0)
+"""
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs two GPUs"))])
+def test_rank_decisions_use_tensors_the_backend_can_reduce(backend):
+    """any_rank / max_over_ranks (the orchestrator's shared decisions, the statistics' lockstep check) on two real
+    workers: every worker gets the same answer, on gloo from CPU tensors and under NCCL (no CPU path) from GPU
+    ones."""
+    port = E.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in E.MPI_SIZE_VARS + E.MPI_RANK_VARS}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES_WORKER, backend],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    device = "cuda" if backend == "nccl" else "cpu"
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out == f"{device} [True, False, [1, 0, 7]]"
+
+
 # ------------------------------------------------------------------------------------------- ds_config
 def _ds(train=None, dist=None, dtype="float32", world=2, **kw):
     from mora_dist.distributed.ds_config import ds_config
