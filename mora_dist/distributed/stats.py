@@ -25,7 +25,7 @@ from torch import nn
 
 from mora_dist.base_model import takes_logits_to_keep
 from mora_dist.distributed.bank import is_partitioned
-from mora_dist.distributed.collectives import max_over_ranks
+from mora_dist.distributed.collectives import collective_device, max_over_ranks
 from mora_dist.distributed.env import world_size
 from mora_dist.mora import mora_layers
 from mora_dist.mora.pruning import decision_hash
@@ -136,10 +136,10 @@ def check_decision_agrees(decision: dict) -> list[str]:
     digest = decision_hash(decision)
     if world_size() == 1:
         return [digest]
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=collective_device())
     everyone = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(everyone, mine)
-    hashes = [bytes(t.tolist()).hex() for t in everyone]
+    hashes = [bytes(t.cpu().tolist()).hex() for t in everyone]
     if len(set(hashes)) != 1:
         raise RuntimeError(f"pruning decisions differ across workers ({hashes}); statistics were not combined "
                            "identically — refusing to change the bank")

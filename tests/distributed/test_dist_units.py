@@ -138,8 +138,16 @@ import sys
 from mora_dist.distributed.collectives import any_rank, collective_device, max_over_ranks
 from mora_dist.distributed.env import finish, init_distributed, shutdown
 rank, world, _ = init_distributed(sys.argv[1])
+from mora_dist.distributed.stats import check_decision_agrees
 answers = [any_rank(rank == 1), any_rank(False), max_over_ranks([rank, -rank, 7])]
-print(collective_device().type, answers, end="")
+decision = {"block": 1, "block_name": "b", "layers": {"q": {"remove": [0], "keep": [1]}}}
+agree = len(set(check_decision_agrees(decision))) == 1
+decision["layers"]["q"]["remove"] = [rank]
+try:
+    check_decision_agrees(decision)
+except RuntimeError:
+    agree = agree and "refused"
+print(collective_device().type, answers, agree, end="")
 shutdown()
 finish(0)
 """
@@ -148,9 +156,9 @@ finish(0)
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="NCCL needs two GPUs"))])
 def test_rank_decisions_use_tensors_the_backend_can_reduce(backend):
-    """any_rank / max_over_ranks (the orchestrator's shared decisions, the statistics' lockstep check) on two real
-    workers: every worker gets the same answer, on gloo from CPU tensors and under NCCL (no CPU path) from GPU
-    ones."""
+    """any_rank / max_over_ranks (the orchestrator's shared decisions, the statistics' lockstep check) and the
+    pruning decision's hash check on two real workers: every worker gets the same answer (a decision that differs
+    is refused on both), on gloo from CPU tensors and under NCCL (no CPU path) from GPU ones."""
     port = E.free_port()
     env = {k: v for k, v in os.environ.items() if k not in E.MPI_SIZE_VARS + E.MPI_RANK_VARS}
     env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO),
@@ -162,7 +170,7 @@ def test_rank_decisions_use_tensors_the_backend_can_reduce(backend):
     device = "cuda" if backend == "nccl" else "cpu"
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-        assert out == f"{device} [True, False, [1, 0, 7]]"
+        assert out == f"{device} [True, False, [1, 0, 7]] refused"
 
 
 # ------------------------------------------------------------------------------------------- ds_config
