@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mora_dist.config import TaskConfig, expand_vars
 from mora_dist.data import encode_examples, load_task_examples
+from mora_dist.device import compute_device
 from mora_dist.inference import generate, load_for_inference
 from mora_dist.base_model import load_model, load_tokenizer
 from mora_dist.mora import MoRAConfig, add_block, freeze_blocks, inject_mora, mora_layers, save_adapter
@@ -25,7 +26,7 @@ def run_demo(model: str, data_root: str | None, tasks: list[str], steps: int, ou
              lr: float = 2e-3, max_length: int = 256, seed: int = 0) -> dict:
     root = Path(expand_vars(data_root or DEFAULT_ROOT))
     tok = load_tokenizer(model)
-    lm = load_model(model)
+    lm = load_model(model).to(compute_device())
     inject_mora(lm, MoRAConfig())
     task_cfgs = [TaskConfig(name=t) for t in tasks]
     held = {t.name: load_task_examples(t, root, "test", limit=8, seed=seed) for t in task_cfgs}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from mora_dist.device import compute_device
 from mora_dist.evaluation.generation import generate_texts
 from mora_dist.base_model import load_model, load_tokenizer
 from mora_dist.mora import load_adapter
@@ -14,10 +15,11 @@ def load_for_inference(model: str, adapter: str | os.PathLike | None = None, dty
     """Load ``model`` (a local folder, GGUF file or packaged name) and, if given, a MoRA adapter onto it.
 
     Returns:
-        ``(model, tokenizer)`` in eval mode (the threshold δ applies as configured for inference).
+        ``(model, tokenizer)`` in eval mode (the threshold δ applies as configured for inference), on the GPU when
+        there is one.
     """
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code).to(compute_device())
     if adapter is not None:
         load_adapter(lm, adapter)
     lm.eval()

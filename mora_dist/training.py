@@ -23,6 +23,7 @@ from torch import nn
 from mora_dist.base_model import takes_logits_to_keep
 from mora_dist.data.grouping import batch_order
 from mora_dist.data.tokenize import IGNORE, collate
+from mora_dist.device import model_device, to_device
 from mora_dist.distributed import bank
 from mora_dist.mora import trainable_parameters
 from mora_dist.schedule import lr_factor
@@ -89,7 +90,7 @@ class TorchStep:
         self.grad_clip, self.penalty = grad_clip, penalty
 
     def forward_backward(self, batch: dict, n_micro: int) -> torch.Tensor:
-        loss = answer_loss(self.module, batch) / n_micro
+        loss = answer_loss(self.module, to_device(batch, model_device(self.module))) / n_micro
         loss.backward()
         return loss.detach()
 
@@ -223,8 +224,9 @@ def mean_answer_loss(model, encoded: list[dict], pad_id: int, batch_size: int = 
     """Token-weighted mean loss on answer tokens (held-out loss)."""
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], pad_id)
+        batch = to_device(collate(encoded[start:start + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1].float(), -1)

@@ -74,12 +74,13 @@ def grow(model: nn.Module, name: str, seed: int | None = None, config=None) -> N
 
     Args:
         seed: seeds the new keys' initialisation without touching the global RNG (the same on every worker and
-            in a one-process run); ``None`` uses the global RNG (workers then get rank 0's values at engine build).
+            in a one-process run; the keys are drawn from the CPU generator, on a GPU too); ``None`` uses the
+            global RNG (workers then get rank 0's values at engine build).
     """
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with bank_gathered(model), rng:
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # the CPU's only: a GPU's generator is left alone
         add_block(model, name, config)
 
 

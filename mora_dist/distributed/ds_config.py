@@ -22,12 +22,18 @@ def ds_config(train_cfg: TrainConfig, dist_cfg: DistributedConfig, model_dtype: 
     The stage, the offload of parameters and the dtype were checked when the config was loaded.
 
     Raises:
-        ConfigError: offload of the optimizer without ZeRO, or a global batch that does not divide (from
-            ``TrainConfig.gradient_accumulation``).
+        ConfigError: offload of the optimizer without ZeRO, a 16-bit model without ZeRO, or a global batch that
+            does not divide (from ``TrainConfig.gradient_accumulation``).
     """
     stage = dist_cfg.zero_stage
-    if dist_cfg.offload_optimizer and stage == 0:  # the one combination the config does not check yet
+    if dist_cfg.offload_optimizer and stage == 0:  # the combinations the typed config cannot check alone
         raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if stage == 0 and model_dtype != "float32":
+        # DeepSpeed then wraps the optimizer in its 16-bit optimizer, whose fp32 copies and moments a mid-task
+        # checkpoint cannot reach; ZeRO-1 keeps the same model replicas and shards only the optimizer states
+        raise ConfigError(f"distributed.zero_stage=0 with model.dtype={model_dtype} on {world_size} workers: "
+                          "16-bit training under DeepSpeed needs ZeRO; set distributed.zero_stage=1 (the same "
+                          "memory for the model, less for the optimizer) or model.dtype=float32")
     gas = train_cfg.gradient_accumulation(world_size)
     micro = train_cfg.micro_batch_size
     pin = torch.cuda.is_available()

@@ -115,6 +115,7 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
 
     from mora_dist.distributed import bank as B
     from mora_dist.distributed import stats as S
+    from mora_dist.device import compute_device, model_device, to_device
     from mora_dist.distributed.collectives import all_gather_objects
     from mora_dist.mora.pruning import decide_pruning
     from mora_dist.mora import inject_mora, is_adapter_parameter, trainable_parameters
@@ -133,6 +134,8 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
         if world != 1:
             raise SystemExit("--engine torch is the one-process reference")
         model = LlamaForCausalLM.from_pretrained(args.model)
+    if not (ds and cfg.distributed.zero_stage == 3):  # ZeRO-3's partitions are placed by zero.Init
+        model.to(compute_device())
     inject_mora(model, cfg.mora)
     if args.resume:
         B.load_adapter(model, args.resume)
@@ -195,9 +198,9 @@ def run(args, rank: int, world: int, launcher: str) -> dict:
     final_decision = decide_pruning(final_stats, model, cfg.prune)
     _write_stats(out, "final", S.statistics_record(final_stats, final_decision, "final"), rank)
     with torch.no_grad():
-        batch = collate(probe[:4])
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
-    state = B.gathered_adapter_state(model)
+        batch = to_device(collate(probe[:4]), getattr(forward, "device", None) or model_device(model))
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().cpu()
+    state = {k: v.cpu() for k, v in B.gathered_adapter_state(model).items()}
     if ds:
         E.destroy_engine(forward)
     ranks = [None] * world

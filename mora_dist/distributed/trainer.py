@@ -133,12 +133,13 @@ class DeepSpeedTrainer(Trainer):
         opt_step, moments, masters = 0, {n: {} for n, _ in named}, {}
         if self.engine is not None:
             opt_step, moments, masters = eng.gather_state(self.engine, named, eng.DTYPES[self.cfg.model.dtype])
-        rng = all_gather_objects(torch.get_rng_state())
+        rngs = all_gather_objects(portable.worker_rng())  # (CPU, GPU or None) per worker
         final = Path(root) / f"step-{step:06d}"
         if env.is_main():
+            cuda = [g for _, g in rngs if g is not None]
             portable.write_state(tmp, portable.PortableState(
                 step, self.world_size, global_batch(self.cfg.train, self.world_size), opt_step, moments, masters,
-                rng))
+                [c for c, _ in rngs], cuda if len(cuda) == len(rngs) else []))
             portable.commit_checkpoint(root, tmp, step)
         env.barrier()
         return final
@@ -164,7 +165,7 @@ class DeepSpeedTrainer(Trainer):
         named = list(trainable_parameters(self.model))
         state = portable.read_state(directory, [n for n, _ in named], global_batch(self.cfg.train, self.world_size))
         eng.restore_state(self.engine, named, state, info["step"])
-        torch.set_rng_state(state.rng_state(self.rank, self.world_size))
+        state.restore_rng(self.rank, self.world_size)
 
     def end(self) -> None:
         if self.engine is not None:

@@ -227,15 +227,16 @@ class MoRALinear(nn.Module):
         self.freeze_active()
         ref = self._weight_like()
         dtype = dtype or ref.dtype
-        A = torch.empty(r, self.in_features, dtype=dtype, device=ref.device)
+        # drawn on the CPU from its generator, then moved: a run on a GPU starts from the same keys as on a CPU
+        A = torch.empty(r, self.in_features, dtype=dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B = torch.zeros(self.out_features, r, dtype=dtype, device=ref.device)
-        self.mora_A = nn.Parameter(A)
+        self.mora_A = nn.Parameter(A.to(ref.device))
         self.mora_B = nn.Parameter(B)
         if self.gate == "router":  # initialised like an nn.Linear router row
-            W = torch.empty(1, self.in_features, dtype=dtype, device=ref.device)
+            W = torch.empty(1, self.in_features, dtype=dtype)
             nn.init.kaiming_uniform_(W, a=math.sqrt(5))
-            self.mora_router = nn.Parameter(W)
+            self.mora_router = nn.Parameter(W.to(ref.device))
         self.block_names.append(name)
         self.block_sizes.append(r)
         self.block_scales.append(float(scale))

@@ -19,12 +19,14 @@ def load_run_tokenizer(cfg):
 def build_trainer(cfg, world_size: int, run_dir: Path) -> Trainer:
     """The base model with MoRA injected, inside its trainer: ``LocalTrainer`` in one process, else
     ``DeepSpeedTrainer`` (under ZeRO-3 the base is built inside ``zero.Init``: no worker ever holds it whole;
-    the ds_config goes to ``run_dir/ds_config.json``).
+    the ds_config goes to ``run_dir/ds_config.json``). Otherwise the model is put on this worker's GPU when there
+    is one (``device.compute_device``) before the MoRA layers are injected, so they are built there too.
 
     Raises:
         TypeError: a trainer that does not implement ``training.Trainer``.
     """
     from mora_dist.base_model import load_model
+    from mora_dist.device import compute_device
     from mora_dist.mora import inject_mora
 
     m = cfg.model
@@ -37,12 +39,14 @@ def build_trainer(cfg, world_size: int, run_dir: Path) -> Trainer:
         from mora_dist.distributed.trainer import DeepSpeedTrainer
 
         model = engine.build_model(loader, cfg)
+        if cfg.distributed.zero_stage != 3:  # ZeRO-3's partitions are placed by zero.Init
+            model.to(compute_device())
         inject_mora(model, cfg.mora)
         trainer = DeepSpeedTrainer(model, cfg, Path(run_dir) / "ds_config.json")
     else:
         from mora_dist.run.trainer import LocalTrainer
 
-        model = loader()
+        model = loader().to(compute_device())
         inject_mora(model, cfg.mora)
         trainer = LocalTrainer(model, cfg)
     if not isinstance(trainer, Trainer):

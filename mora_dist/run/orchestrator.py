@@ -70,7 +70,10 @@ class Orchestrator:
         if self.tok is None:
             self.tok = load_run_tokenizer(self.cfg)
         if self.trainer is None:
+            from mora_dist.device import model_device
+
             self.trainer = build_trainer(self.cfg, self.world, self.dir.root)
+            self.log(f"model on {model_device(self.trainer.model)} ({self.cfg.model.dtype}, {self.world} worker(s))")
         key = parse_stage(stage)
         index, step = key.index, key.step
         if index is None:
@@ -240,6 +243,10 @@ class Orchestrator:
             error = None
             if self.main:  # rank 0 takes the lock and checks the directory; every rank learns the outcome
                 try:
+                    if self.world > 1:  # the DeepSpeed settings for this many workers, before the directory
+                        from mora_dist.distributed.ds_config import ds_config
+
+                        ds_config(self.cfg.train, self.cfg.distributed, self.cfg.model.dtype, self.world)
                     self.dir.root.mkdir(parents=True, exist_ok=True)
                     lock.acquire()
                     if lock.previous and lock.previous.get("pid"):

@@ -6,14 +6,16 @@ A mid-task checkpoint ``ckpt/NN-TASK/step-N/`` holds the gathered adapter (``ada
   the run that wrote it, ``opt_step`` (AdamW's step count) and the names of the active block's parameters;
 * ``trainer_state.safetensors``: per parameter name, AdamW's full (gathered) ``exp_avg`` and ``exp_avg_sq``
   (``optim/NAME/exp_avg`` ...), the fp32 master copy where the model trains in 16 bits (``master/NAME``), and
-  every worker's torch RNG state (``rng/RANK``).
+  every worker's torch RNG state (``rng/RANK``) and, on GPUs, its GPU's (``cuda_rng/RANK``: dropout masks of
+  tensors on the GPU are drawn from it).
 
 The trainable set is only the active adapter block, so gathering it whole is cheap, and the same files load
 into the one-process trainer (plain AdamW) and into DeepSpeed under any ZeRO stage and any world size
 (``mora_dist.distributed.engine``). On the world size that wrote it, every worker gets its own RNG state
 back and the resume is bit-exact; on another one, each worker's RNG is seeded from the saved states and its
 rank (dropout masks depend on the worker count anyway). The data plan must not change: the global batch of
-the checkpoint has to be this run's (set ``train.global_batch_size`` to make it independent of the workers).
+the checkpoint has to be this run's (set ``train.global_batch_size`` to make it independent of the workers). A
+GPU worker resuming a checkpoint without GPU states (written on CPUs) seeds its GPU's generator from its CPU state.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mora_dist.device import compute_device, rng_states
 from mora_dist.io import atomic_write_json, fsync_dir, read_json
 
 FORMAT = 2
@@ -76,6 +79,7 @@ class PortableState:
     moments: dict[str, dict[str, torch.Tensor]]
     masters: dict[str, torch.Tensor]
     rng: list[torch.Tensor]
+    cuda_rng: list[torch.Tensor] = ()  # every worker's GPU generator; empty when written on CPUs
 
     def rng_state(self, rank: int, world_size: int) -> torch.Tensor:
         """The RNG state worker ``rank`` of ``world_size`` continues with."""
@@ -83,8 +87,29 @@ class PortableState:
             return self.rng[rank]
         digest = hashlib.sha256(b"".join(bytes(s.numpy()) for s in self.rng) + rank.to_bytes(4, "little"))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+            torch.random.default_generator.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
             return torch.get_rng_state()
+
+    def restore_rng(self, rank: int, world_size: int) -> None:
+        """Give worker ``rank`` of ``world_size`` its generators back: the CPU's, and its GPU's when it has one
+        (the saved one on the same world size, else seeded from the CPU state it continues with)."""
+        cpu = self.rng_state(rank, world_size)
+        torch.set_rng_state(cpu)
+        if not torch.cuda.is_available():
+            return
+        device = compute_device()
+        if world_size == self.world_size and len(self.cuda_rng) == world_size:
+            torch.cuda.set_rng_state(self.cuda_rng[rank], device)
+        else:
+            seed = int.from_bytes(hashlib.sha256(bytes(cpu.numpy())).digest()[:8], "little")
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+
+
+def worker_rng() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This worker's CPU generator state and its GPU's (``None`` without one), for ``PortableState``."""
+    states = rng_states()
+    return states["cpu"], states.get("cuda")
 
 
 def write_state(directory: Path, state: PortableState) -> None:
@@ -94,6 +119,7 @@ def write_state(directory: Path, state: PortableState) -> None:
     tensors.update({f"master/{name}": v.detach().to("cpu", torch.float32).contiguous()
                     for name, v in state.masters.items()})
     tensors.update({f"rng/{r}": s.clone() for r, s in enumerate(state.rng)})  # distinct storages
+    tensors.update({f"cuda_rng/{r}": s.cpu().clone() for r, s in enumerate(state.cuda_rng)})
     save_file(tensors, str(Path(directory) / "trainer_state.safetensors"))
     atomic_write_json(Path(directory) / "trainer_state.json", {
         "format": FORMAT, "step": state.step, "world_size": state.world_size, "global_batch": state.global_batch,
@@ -126,8 +152,9 @@ def read_state(directory: Path, params: list[str], global_batch_now: int) -> Por
     moments = {n: {k: flat[f"optim/{n}/{k}"] for k in MOMENTS if f"optim/{n}/{k}" in flat} for n in info["params"]}
     masters = {n: flat[f"master/{n}"] for n in info["params"] if f"master/{n}" in flat}
     rng = [flat[f"rng/{r}"] for r in range(info["world_size"])]
+    cuda_rng = [flat[f"cuda_rng/{r}"] for r in range(info["world_size"]) if f"cuda_rng/{r}" in flat]
     return PortableState(info["step"], info["world_size"], info["global_batch"], info["opt_step"], moments,
-                         masters, rng)
+                         masters, rng, cuda_rng)
 
 
 # ------------------------------------------------------------------------------------ one process (AdamW)
@@ -143,7 +170,8 @@ def local_state(opt: torch.optim.Optimizer | None, named_params: list[tuple[str,
             opt_step = int(st["step"])
         else:
             moments[name] = {}
-    return PortableState(step, 1, global_batch_now, opt_step, moments, {}, [torch.get_rng_state()])
+    cpu, cuda = worker_rng()
+    return PortableState(step, 1, global_batch_now, opt_step, moments, {}, [cpu], [cuda] if cuda is not None else [])
 
 
 def load_local(opt: torch.optim.Optimizer, named_params: list[tuple[str, torch.Tensor]], state: PortableState) -> None:
@@ -159,4 +187,4 @@ def load_local(opt: torch.optim.Optimizer, named_params: list[tuple[str, torch.T
             with torch.no_grad():
                 p.copy_(state.masters[name].reshape(p.shape))
     opt.load_state_dict(sd)
-    torch.set_rng_state(state.rng_state(0, 1))
+    state.restore_rng(0, 1)

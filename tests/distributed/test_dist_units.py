@@ -208,6 +208,10 @@ def test_ds_config_rejects_bad_input_before_training():
         ModelConfig(dtype="int8")
     with pytest.raises(ConfigError, match="offload_optimizer"):
         _ds(dist=DistributedConfig(zero_stage=0, offload_optimizer=True))
+    with pytest.raises(ConfigError, match="zero_stage=0 with model.dtype=bfloat16 on 2 workers"):
+        _ds(dist=DistributedConfig(zero_stage=0), dtype="bfloat16")
+    for stage in (1, 2, 3):  # 16-bit under ZeRO is fine
+        assert _ds(dist=DistributedConfig(zero_stage=stage), dtype="bfloat16")["bf16"]["enabled"]
 
 
 # ---------------------------------------------------------------------------------------- launch commands

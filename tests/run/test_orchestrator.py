@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mora_dist.config import load_config
@@ -251,3 +252,27 @@ def test_routing_of_every_stage(reference, tmp_path):
     assert row["own"] == last["tasks"]["NumGLUE-cm"]["mass"][1] and row["earlier"] == last["tasks"]["FOMC"]["mass"][1]
     assert (run_dir / "routing" / "routing.png").is_file() and "## Separation" in (run_dir / "routing" /
                                                                                      "routing.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_trains_there_and_a_crash_resumes_to_the_same_run(tiny_model_dir, tmp_path):
+    """With CUDA the one-process run puts the model on the GPU (dropout masks then come from the GPU's generator,
+    which the mid-task checkpoint carries) and a crash mid-task resumes to what an uninterrupted GPU run gives
+    (the same losses and adapter up to the GPU kernels' own nondeterminism)."""
+    runs = {}
+    for name, fault in (("whole", None), ("crashed", "train_step:FOMC#3")):
+        cfg = write_config(tmp_path, tiny_model_dir, tmp_path / name)
+        first = cli(cfg, fault=fault)
+        assert "model on cuda:0 (float32, 1 worker(s))" in first.stdout, first.stdout[-2000:]
+        if fault:
+            assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+            assert (tmp_path / name / "ckpt").is_dir()
+            first = cli(cfg)
+        assert first.returncode == 0, first.stderr[-3000:]
+        runs[name] = results(tmp_path / name)
+    whole, crashed = runs["whole"], runs["crashed"]
+    assert [c[:2] for c in crashed["curves"]] == [c[:2] for c in whole["curves"]]
+    assert [c[2] for c in crashed["curves"]] == pytest.approx([c[2] for c in whole["curves"]], rel=1e-5)
+    for key, tensor in whole["adapter"].items():
+        torch.testing.assert_close(crashed["adapter"][key], tensor, atol=1e-5, rtol=1e-4, msg=key)

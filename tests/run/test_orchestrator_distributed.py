@@ -36,3 +36,15 @@ def test_every_launcher_runs_the_stream_and_matches_one_process(tiny_model_dir, 
         assert losses == pytest.approx(ref_losses, rel=1e-4), name
         for key, tensor in ref_adapter.items():
             torch.testing.assert_close(adapter[key], tensor, atol=1e-4, rtol=1e-3, msg=f"{name} {key}")
+
+
+def test_deepspeed_settings_for_the_world_size_are_checked_before_the_run_directory(tiny_model_dir, tmp_path):
+    """16-bit training without ZeRO (DeepSpeed's 16-bit optimizer keeps state a mid-task checkpoint cannot reach):
+    refused on two workers with one error naming the fields and the fix; no run directory is started."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, run_dir)
+    proc = run_cli(cfg, "torchrun", "train.global_batch_size=4", "model.dtype=bfloat16", "distributed.zero_stage=0")
+    assert proc.returncode != 0
+    assert "distributed.zero_stage=0 with model.dtype=bfloat16 on 2 workers" in proc.stderr
+    assert "set distributed.zero_stage=1" in proc.stderr
+    assert not run_dir.exists()
