@@ -33,11 +33,3 @@ def to_device(batch: dict, device: torch.device) -> dict:
     """``batch`` with every tensor on ``device`` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-
-def rng_states() -> dict[str, torch.Tensor]:
-    """The random generators a training step draws from: the CPU's, and this worker's GPU's when there is one
-    (dropout masks of tensors on the GPU come from it)."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state(compute_device())
-    return states

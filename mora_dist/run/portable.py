@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mora_dist.device import compute_device, rng_states
+from mora_dist.device import compute_device
 from mora_dist.io import atomic_write_json, fsync_dir, read_json
 
 FORMAT = 2
@@ -107,9 +107,10 @@ class PortableState:
 
 
 def worker_rng() -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This worker's CPU generator state and its GPU's (``None`` without one), for ``PortableState``."""
-    states = rng_states()
-    return states["cpu"], states.get("cuda")
+    """This worker's CPU generator state and its GPU's (``None`` without one; dropout masks of tensors on the
+    GPU are drawn from it), for ``PortableState``."""
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state(compute_device()) if gpu else None
 
 
 def write_state(directory: Path, state: PortableState) -> None:
